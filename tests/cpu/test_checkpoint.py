@@ -20,6 +20,8 @@ from sglang_dspark.checkpoint import (
     validate_against_target,
 )
 from sglang_dspark.config import DSparkConfig
+from sglang_dspark.reference.drafter import DSparkDrafter
+from sglang_dspark.reference.sampling import SamplingBatch, SamplingParams
 
 TARGET_LAYERS = 6
 
@@ -152,8 +154,6 @@ def test_deepspec_output_needs_num_target_layers(tmp_path):
 
 
 def test_drafter_logits_identical_from_both_layouts(tmp_path):
-    drafter_module = pytest.importorskip("sglang_dspark.reference.drafter", exc_type=ModuleNotFoundError)
-    from sglang_dspark.reference.sampling import SamplingBatch, SamplingParams
 
     config = tiny_config()
     weights = random_draft_weights(config, seed=5)
@@ -162,7 +162,7 @@ def test_drafter_logits_identical_from_both_layouts(tmp_path):
     anchor = torch.tensor([3, 17])
 
     def run(state_dict):
-        drafter = drafter_module.DSparkDrafter(config)
+        drafter = DSparkDrafter(config)
         drafter.load_state_dict(state_dict, strict=True)
         cache = drafter.new_context_cache(2)
         drafter.extend_context(cache, features, 0)
@@ -187,20 +187,10 @@ def test_drafter_logits_identical_from_both_layouts(tmp_path):
     assert not torch.allclose(ds_base, other_base)
 
 
-DRAFTER_VARIANTS = [
-    pytest.param(v, marks=pytest.mark.xfail(
-        strict=True,
-        reason="reference drafter builds o_proj without bias; HF Qwen3 and SGLang use bias=attention_bias",
-    )) if v == "attention_bias" else v
-    for v in HEAD_VARIANTS
-]
-
-
-@pytest.mark.parametrize("variant", DRAFTER_VARIANTS)
+@pytest.mark.parametrize("variant", HEAD_VARIANTS)
 def test_drafter_state_dict_names_are_the_canonical_names(variant):
-    drafter_module = pytest.importorskip("sglang_dspark.reference.drafter", exc_type=ModuleNotFoundError)
     config = tiny_config(**HEAD_VARIANTS[variant])
-    state = drafter_module.DSparkDrafter(config).state_dict()
+    state = DSparkDrafter(config).state_dict()
     assert {n: tuple(t.shape) for n, t in state.items()} == expected_shapes(config)
 
 
