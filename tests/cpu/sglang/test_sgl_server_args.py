@@ -1,0 +1,160 @@
+"""``ServerArgs`` resolution for ``--speculative-algorithm DSPARK`` (and DFLASH left as it was)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import pytest
+
+from sglang_fixtures import draft_config, target_config
+
+pytestmark = pytest.mark.sglang
+pytest.importorskip("sglang.srt")  # "sglang" alone would find this test dir
+
+
+@pytest.fixture(scope="module")
+def parse(dspark_plugin, model_dirs):
+    """``parse(*flags, draft=cfg, target=cfg)`` -> resolved ``ServerArgs`` from a real CLI parse."""
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    default_dirs = model_dirs()
+
+    def _parse(*flags: str, draft=None, target=None, algorithm: str = "DSPARK"):
+        target_dir, draft_dir = model_dirs(draft, target) if (draft or target) else default_dirs
+        argv = [
+            "--model-path", target_dir, "--device", "cuda", "--skip-tokenizer-init",
+            "--speculative-algorithm", algorithm, "--speculative-draft-model-path", draft_dir, *flags,
+        ]
+        return ServerArgs.from_cli_args(parser.parse_args(argv))
+
+    return _parse
+
+
+def test_defaults_come_from_the_checkpoint(parse):
+    args = parse()
+    assert args.speculative_algorithm == "DSPARK"
+    assert args.speculative_dspark_block_size == 7
+    assert args.speculative_num_draft_tokens == 8
+    assert (args.speculative_num_steps, args.speculative_eagle_topk) == (1, 1)
+    assert args.max_running_requests == 48
+    assert args.enable_mixed_chunk is False
+    assert args.speculative_draft_attention_backend == "flashinfer"
+
+
+def test_lowercase_name_and_torchspec_layouts(parse):
+    for fmt in ("dspark", "qwen3_dspark"):
+        args = parse(draft=draft_config(fmt, block_size=5), algorithm="dspark")
+        assert args.speculative_algorithm == "DSPARK"
+        assert (args.speculative_dspark_block_size, args.speculative_num_draft_tokens) == (5, 6)
+
+
+def test_block_size_flag_sets_gamma(parse, caplog):
+    with caplog.at_level(logging.WARNING, logger="sglang_dspark"):
+        args = parse("--speculative-dspark-block-size", "4")
+    assert (args.speculative_dspark_block_size, args.speculative_num_draft_tokens) == (4, 5)
+    assert "differs from the draft checkpoint's block_size 7" in caplog.text
+
+
+def test_consistent_explicit_values_are_kept(parse):
+    args = parse(
+        "--speculative-dspark-block-size", "7", "--speculative-num-draft-tokens", "8",
+        "--speculative-num-steps", "1", "--speculative-eagle-topk", "1", "--max-running-requests", "12",
+        "--speculative-draft-attention-backend", "flashinfer",
+    )
+    assert (args.speculative_dspark_block_size, args.speculative_num_draft_tokens) == (7, 8)
+    assert args.max_running_requests == 12
+
+
+def test_missing_block_size_defaults_to_seven(parse):
+    args = parse(draft=draft_config(block_size=None))
+    assert (args.speculative_dspark_block_size, args.speculative_num_draft_tokens) == (7, 8)
+
+
+def test_mixed_chunk_is_switched_off(parse):
+    assert parse("--enable-mixed-chunk").enable_mixed_chunk is False
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (("--speculative-num-draft-tokens", "7"),
+         "--speculative-num-draft-tokens 7 contradicts --speculative-dspark-block-size"),
+        (("--speculative-dspark-block-size", "4", "--speculative-num-draft-tokens", "4"), "must be 5"),
+        (("--speculative-dspark-block-size", "0"), "--speculative-dspark-block-size must be a positive integer"),
+        (("--speculative-eagle-topk", "2"), "--speculative-eagle-topk must be 1"),
+        (("--speculative-num-steps", "3"), "--speculative-num-steps must be 1"),
+        (("--pp-size", "2"), "--pp-size 1, got 2"),
+        (("--tp-size", "2", "--dp-size", "2", "--enable-dp-attention"), "--enable-dp-attention"),
+        (("--device", "cpu"), "needs a CUDA device"),
+        (("--speculative-draft-attention-backend", "triton"),
+         "--speculative-draft-attention-backend triton is not supported"),
+        (("--speculative-draft-window-size", "64"), "--speculative-draft-window-size"),
+    ],
+)
+def test_bad_flag_combinations_are_rejected(parse, flags, expected):
+    with pytest.raises(ValueError) as info:
+        parse(*flags)
+    assert expected in str(info.value)
+
+
+def test_draft_path_is_required(dspark_plugin, model_dirs):
+    from sglang.srt.server_args import ServerArgs
+
+    target_dir, _ = model_dirs()
+    with pytest.raises(ValueError, match="requires --speculative-draft-model-path"):
+        ServerArgs(model_path=target_dir, device="cuda", skip_tokenizer_init=True, speculative_algorithm="DSPARK")
+
+
+@pytest.mark.parametrize(
+    "draft, target, expected",
+    [
+        (draft_config(hidden_size=32, head_dim=8), None, "key 'hidden_size': expected 64"),
+        (draft_config(vocab_size=500, mask_token_id=499), None, "key 'vocab_size': expected 1000"),
+        (draft_config(target_layer_ids=[1, 7], num_target_layers=None), None,
+         "key 'target_layer_ids': expected ids in 0..6"),
+        (None, target_config(num_hidden_layers=12), "key 'num_target_layers': expected 12"),
+    ],
+)
+def test_draft_target_pairing_is_checked(parse, draft, target, expected):
+    with pytest.raises(ValueError) as info:
+        parse(draft=draft, target=target)
+    message = str(info.value)
+    assert "--speculative-draft-model-path" in message and "does not fit --model-path" in message
+    assert expected in message
+
+
+def test_non_dspark_draft_is_rejected(parse):
+    dflash_draft = draft_config(architectures=["DFlashDraftModel"])
+    with pytest.raises(ValueError, match="is not a usable DSpark draft.*'architectures'"):
+        parse(draft=dflash_draft)
+
+
+def test_help_documents_the_block_size_flag(dspark_plugin):
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    text = " ".join(parser.format_help().split())
+    assert "--speculative-dspark-block-size" in text
+    assert "DSPARK only. Number of tokens drafted per block (gamma)." in text
+
+
+def test_dflash_resolution_is_unchanged(parse):
+    dflash_draft = draft_config(
+        architectures=["DFlashDraftModel"], model_type="qwen3", block_size=6,
+        dflash_config={"mask_token_id": 999, "target_layer_ids": [1, 3, 5]},
+    )
+    args = parse(draft=dflash_draft, algorithm="DFLASH")
+    assert args.speculative_num_draft_tokens == 6
+    assert (args.speculative_num_steps, args.speculative_eagle_topk) == (1, 1)
+    assert args.speculative_dspark_block_size is None
+    # DFLASH keeps the target's (triton) backend for its draft and still accepts its own flag.
+    assert args.speculative_draft_attention_backend == args.attention_backend
+    args = parse("--speculative-dflash-block-size", "4", draft=dflash_draft, algorithm="DFLASH")
+    assert args.speculative_num_draft_tokens == 4
+    with pytest.raises(ValueError, match="--speculative-dflash-block-size are set but they differ"):
+        parse("--speculative-dflash-block-size", "4", "--speculative-num-draft-tokens", "5",
+              draft=dflash_draft, algorithm="DFLASH")
