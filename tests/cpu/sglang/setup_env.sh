@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Builds the CPU environment in which SGLang 0.5.15 imports, for the tests marked `sglang`.
-#   bash tests/cpu/sglang/setup_env.sh [VENV_DIR]      (default: /work/venv-sgl)
+#   bash tests/cpu/sglang/setup_env.sh [VENV_DIR]      (default: .venv-sgl in the repo)
 # A clean venv (no system site-packages): SGLang needs torch 2.14.1 + torchvision 0.29.1 (a CUDA build that
 # imports on CPU), its own transformers pin, and the patch series applied to its site-packages. The system
 # Python (torch 2.13 CPU, used by the reference tests) is not touched.
 # Idempotent: re-running reuses the venv, skips installed packages and re-checks the patch series.
 set -euo pipefail
-VENV=${1:-/work/venv-sgl}
+VENV=${1:-$(cd "$(dirname "$0")/../../.." && pwd)/.venv-sgl}
 REPO=$(cd "$(dirname "$0")/../../.." && pwd)
 SGLANG_VERSION=0.5.15
 
