@@ -1,0 +1,434 @@
+"""``DSparkWorker``: SGLang's spec-v2 worker for ``--speculative-algorithm DSPARK``.
+
+It is ``DFlashWorkerV2`` with a different decode step; everything else is inherited: the draft
+``TpModelWorker`` sharing the target's request->token table and KV allocator, the prefill (target
+forward with the draft's ``target_layer_ids`` captured, then draft context K/V written at the prompt's
+cache slots), the idle step, the context-K/V writer (fused Triton path) and the draft CUDA graph setup.
+
+One decode step for a batch, gamma = ``--speculative-dspark-block-size``, width = gamma + 1, committed
+length ``P`` and pending bonus token ``x_0`` per request (no host synchronisation anywhere):
+
+1. window: positions ``P..P+gamma`` and their reserved cache slots (from ``req_to_token``);
+2. draft: ONE non-causal forward of the draft over ``[x_0, mask x (gamma-1)]`` at positions
+   ``P..P+gamma-1`` (TARGET_VERIFY mode, ``draft_token_num = gamma``, replayed from the draft CUDA graph
+   when possible), then the Markov head samples ``x_1..x_gamma`` left to right and the confidence head
+   scores them; both run inside the draft graph (``DSparkDraftSampler``), or eagerly when it cannot run;
+3. verify: the target's TARGET_VERIFY forward over ``[x_0, x_1..x_gamma]`` (its own CUDA graph, width
+   gamma + 1) with the aux hidden states of the draft's target layers captured;
+4. accept: greedy matching for ``top_k <= 1`` requests, exact rejection sampling for the others, in one
+   batch (``sglang_dspark.accept``); or simulated acceptance when the environment asks for it;
+5. publish ``P + a + 1``, write the draft context K/V of the ``a + 1`` committed positions from the
+   verify pass's captured hidden states, and hand SGLang ``accept_lens = a + 1`` with
+   ``speculative_num_draft_tokens = gamma + 1`` (so /server_info, meta_info and /metrics count it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Callable, Iterator, Optional
+
+import torch
+from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+from sglang.srt.managers.schedule_batch import ScheduleBatch
+from sglang.srt.managers.utils import GenerationBatchResult
+from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch, ForwardMode
+from sglang.srt.server_args import ServerArgs
+from sglang.srt.speculative.dflash_info import DFlashVerifyInput
+from sglang.srt.speculative.dflash_info_v2 import DFlashDraftInputV2
+from sglang.srt.speculative.dflash_utils import apply_dflash_verify_logits_adjustments
+from sglang.srt.speculative.dflash_worker_v2 import DFlashWorkerV2
+from sglang.srt.speculative.triton_ops.dflash import _prepare_dflash_draft_block_unchecked
+
+from sglang_dspark.accept import (
+    DraftBlock,
+    SimulatedAcceptance,
+    TargetSampling,
+    accept_drafts,
+    commit_layout,
+    target_token_at,
+)
+from sglang_dspark.config import DSparkConfig
+from sglang_dspark.model import DSparkDraftModel
+
+logger = logging.getLogger("sglang_dspark")
+
+_DFLASH_LOGGER = "sglang.srt.speculative.dflash_worker_v2"
+
+
+class _DropDflashBlockSizeWarning(logging.Filter):
+    """DFLASH compares --speculative-num-draft-tokens with the checkpoint's block_size; for DSPARK they
+    differ by design (gamma + 1 vs gamma), so that warning would be false."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("DFLASH block size mismatch")
+
+
+@contextlib.contextmanager
+def _without_dflash_block_size_warning() -> Iterator[None]:
+    dflash_logger = logging.getLogger(_DFLASH_LOGGER)
+    drop = _DropDflashBlockSizeWarning()
+    dflash_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        dflash_logger.removeFilter(drop)
+
+
+class DSparkDraftSampler:
+    """Markov sampling and the confidence head folded into the draft CUDA graph.
+
+    SGLang's decode graph runner calls ``model_runner.dflash_draft_sampler(hidden_states)`` right after the
+    draft forward while capturing, so every replay also samples. What the loop needs besides the hidden
+    states is staged into static buffers before the replay (``stage``); its outputs land in static buffers
+    read after the replay (``block``). Buffers hold ``max_bs`` rows, the largest captured batch.
+    """
+
+    def __init__(
+        self, model: DSparkDraftModel, lm_head_weight: torch.Tensor, gamma: int, max_bs: int, device: torch.device
+    ) -> None:
+        self.model = model
+        self.lm_head_weight = lm_head_weight
+        self.gamma = gamma
+        self.max_bs = max_bs
+        vocab = lm_head_weight.shape[0]
+        # Inputs: valid values from the start, since capture runs the loop on whatever is staged.
+        self.anchor = torch.zeros((max_bs,), dtype=torch.int64, device=device)
+        self.inv_temperature = torch.ones((max_bs,), dtype=torch.float32, device=device)
+        self.greedy = torch.ones((max_bs,), dtype=torch.bool, device=device)
+        self.uniforms = torch.full((max_bs, gamma), 0.5, dtype=torch.float32, device=device)
+        # Outputs.
+        self.tokens = torch.zeros((max_bs, gamma), dtype=torch.int64, device=device)
+        self.probs = torch.zeros((max_bs, gamma, vocab), dtype=torch.float32, device=device)
+        self.confidence_logits = (
+            torch.zeros((max_bs, gamma), dtype=torch.float32, device=device)
+            if model.confidence_head is not None
+            else None
+        )
+
+    def stage(
+        self, anchor: torch.Tensor, inv_temperature: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor
+    ) -> None:
+        """Copy one batch's inputs (``[bs]``, ``[bs]``, ``[bs]``, ``[bs, gamma]``) into the static buffers."""
+        bs = anchor.shape[0]
+        self.anchor[:bs].copy_(anchor)
+        self.inv_temperature[:bs].copy_(inv_temperature)
+        self.greedy[:bs].copy_(greedy)
+        self.uniforms[:bs].copy_(uniforms)
+
+    def __call__(self, hidden_states: torch.Tensor) -> None:
+        """hidden_states ``[bs * gamma, d]`` of the (padded) captured batch."""
+        bs = hidden_states.shape[0] // self.gamma
+        block = self.model.draft_block(
+            hidden_states, self.lm_head_weight, self.anchor[:bs], self.inv_temperature[:bs],
+            self.greedy[:bs], self.uniforms[:bs],
+        )
+        self.tokens[:bs].copy_(block.tokens)
+        self.probs[:bs].copy_(block.probs)
+        if self.confidence_logits is not None:
+            self.confidence_logits[:bs].copy_(block.confidence_logits)
+
+    def block(self, bs: int) -> DraftBlock:
+        """The first ``bs`` rows of the last replay's outputs."""
+        return DraftBlock(
+            tokens=self.tokens[:bs],
+            probs=self.probs[:bs],
+            confidence_logits=None if self.confidence_logits is None else self.confidence_logits[:bs],
+        )
+
+
+class DSparkWorker(DFlashWorkerV2):
+    """DSPARK speculative decoding (spec-v2, overlap and synchronous scheduling)."""
+
+    def __init__(
+        self,
+        server_args: ServerArgs,
+        gpu_id: int,
+        tp_rank: int,
+        dp_rank: Optional[int],
+        moe_ep_rank: int,
+        attn_cp_rank: int,
+        moe_dp_rank: int,
+        nccl_port: int,
+        target_worker,
+    ) -> None:
+        if server_args.tp_size != 1:
+            raise ValueError(
+                f"DSPARK speculative decoding supports --tp-size 1 only, got {server_args.tp_size}: the Markov "
+                "head samples over the full vocabulary on one rank"
+            )
+        with _without_dflash_block_size_warning():
+            super().__init__(
+                server_args=server_args, gpu_id=gpu_id, tp_rank=tp_rank, dp_rank=dp_rank,
+                moe_ep_rank=moe_ep_rank, attn_cp_rank=attn_cp_rank, moe_dp_rank=moe_dp_rank,
+                nccl_port=nccl_port, target_worker=target_worker,
+            )
+        self.gamma = int(server_args.speculative_dspark_block_size)
+        self.verify_width = self.gamma + 1
+        if self.speculative_num_draft_tokens != self.verify_width:
+            raise ValueError(
+                f"DSPARK: --speculative-num-draft-tokens must be gamma + 1 = {self.verify_width} "
+                f"(--speculative-dspark-block-size {self.gamma}), got {self.speculative_num_draft_tokens}"
+            )
+        self._lm_head_weight = self._target_lm_head_weight()
+        self._draft_spec_info = DFlashVerifyInput(
+            draft_token=torch.empty((0,), dtype=torch.long, device=self.device),
+            positions=torch.empty((0,), dtype=torch.int64, device=self.device),
+            draft_token_num=self.gamma,
+            custom_mask=None,
+            capture_hidden_mode=CaptureHiddenMode.NULL,
+        )
+        self._simulation = SimulatedAcceptance.from_env(os.environ, self.gamma, self.device)
+        config = self._dspark_config()
+        logger.info(
+            "DSPARK worker: gamma=%d (draft width %d, verify width %d), %s draft %s, markov %s r=%d, "
+            "confidence head %s, mask token %d",
+            self.gamma, self.gamma, self.verify_width, self.draft_model.checkpoint_format,
+            server_args.speculative_draft_model_path, config.markov_head_type, config.markov_rank,
+            "on" if config.enable_confidence_head else "off", self._mask_token_id,
+        )
+
+    def _dspark_config(self) -> DSparkConfig:
+        if not isinstance(self.draft_model, DSparkDraftModel):
+            raise ValueError(
+                f"{self.server_args.speculative_draft_model_path}: DSPARK needs a DSpark draft (architectures "
+                f"Qwen3DSparkModel or DSparkDraftModel), got {type(self.draft_model).__name__}"
+            )
+        return self.draft_model.dspark_config
+
+    # ---- hooks of DFlashWorkerV2 -------------------------------------------------------------------------
+
+    def _resolve_mask_token_id(self, *, mask_token: str, mask_token_id: Optional[int] = None) -> int:
+        """The mask token is the draft config's ``mask_token_id`` (DFLASH's tokenizer lookup does not apply).
+        Called from ``DFlashWorkerV2.__init__`` once the draft model is loaded."""
+        mask_id = self._dspark_config().mask_token_id
+        vocab = int(self.target_worker.model_runner.model_config.vocab_size)
+        if not 0 <= mask_id < vocab:
+            raise ValueError(
+                f"{self.server_args.speculative_draft_model_path}: key 'mask_token_id': expected an id in "
+                f"0..{vocab - 1} (the target's vocab), found {mask_id}"
+            )
+        return mask_id
+
+    def _maybe_build_draft_sampler(self) -> DSparkDraftSampler:
+        """Called by ``DFlashWorkerV2.init_cuda_graphs`` before the draft graph is captured."""
+        max_bs = min(max(self.server_args.cuda_graph_config.decode.bs), self.draft_model_runner.req_to_token_pool.size)
+        logger.info("DSPARK: Markov sampling and confidence head folded into the draft CUDA graph (max bs %d).", max_bs)
+        return DSparkDraftSampler(self.draft_model, self._lm_head_weight, self.gamma, max_bs, self.device)
+
+    def _target_lm_head_weight(self) -> torch.Tensor:
+        """The target's lm_head rows of the real vocabulary: ``[V, d]``."""
+        lm_head = getattr(self.target_worker.model_runner.model, "lm_head", None)
+        weight = getattr(lm_head, "weight", None)
+        if weight is None or not torch.is_floating_point(weight):
+            raise ValueError(
+                "DSPARK computes draft logits with the target's lm_head: the target model must expose an "
+                f"unquantized lm_head.weight, found {None if weight is None else weight.dtype}"
+            )
+        shard = getattr(lm_head, "shard_indices", None)
+        rows = int(shard.num_org_elements) if shard is not None else int(weight.shape[0])
+        vocab = self._dspark_config().vocab_size
+        if rows != vocab:
+            raise ValueError(
+                f"{self.server_args.speculative_draft_model_path}: key 'vocab_size': expected {rows} (rows of "
+                f"the target's lm_head), found {vocab}"
+            )
+        return weight[:vocab]
+
+    # ---- the step ------------------------------------------------------------------------------------------
+
+    def forward_batch_generation(
+        self, batch: ScheduleBatch, on_publish: Optional[Callable[[torch.Tensor], None]] = None
+    ) -> GenerationBatchResult:
+        if batch.forward_mode.is_extend() or batch.is_extend_in_batch or batch.forward_mode.is_idle():
+            return super().forward_batch_generation(batch, on_publish)  # prefill / idle: as DFLASH
+        return self._decode(batch, on_publish)
+
+    def _decode(
+        self, batch: ScheduleBatch, on_publish: Optional[Callable[[torch.Tensor], None]]
+    ) -> GenerationBatchResult:
+        if batch.return_logprob:
+            raise ValueError("DSPARK speculative decoding does not support return_logprob.")
+        draft_input = batch.spec_info
+        if not isinstance(draft_input, DFlashDraftInputV2):
+            raise RuntimeError(
+                f"DSPARK expected DFlashDraftInputV2 state on the running batch, found {type(draft_input).__name__}"
+            )
+        # Carried over from the previous overlap iteration, possibly produced on another stream.
+        batch.seq_lens.record_stream(torch.get_device_module(self.device).current_stream())
+        bs = batch.seq_lens.shape[0]
+        gamma = self.gamma
+        prefix_lens = batch.seq_lens
+        greedy, inv_temperature, sampling = self._sampling(batch, bs)
+        draws = torch.rand((bs, 2 * gamma + 2), device=self.device)
+
+        ids, positions, cache_loc = self._verify_window(batch, draft_input.bonus_tokens)
+        block = self._draft(batch, draft_input, ids, positions, cache_loc, inv_temperature, greedy, draws[:, :gamma])
+        ids[:, 1:].copy_(block.tokens)
+        logits_output, can_run_cuda_graph = self._verify(batch, draft_input, ids, positions, cache_loc)
+
+        logits = logits_output.next_token_logits
+        if batch.sampling_info is not None:
+            apply_dflash_verify_logits_adjustments(
+                next_token_logits=logits, sampling_info=batch.sampling_info, draft_token_num=self.verify_width
+            )
+        logits = logits.view(bs, self.verify_width, -1)
+        if self._simulation is not None:
+            accepted = self._simulation.accepted(draws[:, 2 * gamma + 1])
+            bonus = target_token_at(logits, accepted, greedy, sampling, draws[:, 2 * gamma])
+        else:
+            accepted, bonus = accept_drafts(
+                block.tokens, logits, block.probs, greedy, sampling, draws[:, gamma : 2 * gamma], draws[:, 2 * gamma]
+            )
+        layout = commit_layout(block.tokens, accepted, bonus, prefix_lens)
+        if on_publish is not None:
+            on_publish(layout.new_seq_lens)
+
+        hidden = logits_output.hidden_states
+        if hidden is None:
+            raise RuntimeError("DSPARK verify returned no target hidden states (aux capture is not set up).")
+        self._append_target_hidden_to_draft_kv_by_loc(
+            target_hidden=hidden,
+            cache_loc=cache_loc.view(-1),
+            cache_loc_2d=cache_loc,
+            positions=positions.view(-1),
+            commit_lens=layout.commit_lens,
+        )
+        logits_output.hidden_states = None  # keep the large buffer off the D2H copy
+        return GenerationBatchResult(
+            logits_output=logits_output,
+            next_token_ids=layout.out_tokens.view(-1),
+            accept_lens=layout.commit_lens,
+            can_run_cuda_graph=can_run_cuda_graph,
+            next_draft_input=self._make_next_draft_input_decode(bonus_tokens=bonus, new_seq_lens=layout.new_seq_lens),
+            speculative_num_draft_tokens=self.verify_width,
+            new_seq_lens=layout.new_seq_lens,
+        )
+
+    def _sampling(
+        self, batch: ScheduleBatch, bs: int
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[TargetSampling]]:
+        """(greedy mask bool ``[bs]``, ``1/T`` ``[bs]``, target sampling params or None for all-greedy)."""
+        info = batch.sampling_info
+        if info is None or info.is_all_greedy:
+            return (
+                torch.ones((bs,), dtype=torch.bool, device=self.device),
+                torch.ones((bs,), dtype=torch.float32, device=self.device),
+                None,
+            )
+        # Host-side facts from the requests (no sync); greedy rows never read their target probabilities.
+        sampled = [r.sampling_params for r in batch.reqs if r.sampling_params.top_k > 1]
+        vocab = self._lm_head_weight.shape[0]
+        temperature = info.temperatures.view(-1).float()
+        sampling = TargetSampling(
+            temperature=temperature,
+            top_k=info.top_ks,
+            top_p=info.top_ps,
+            max_top_k=max((p.top_k for p in sampled), default=0),
+            apply_top_k=any(p.top_k < vocab for p in sampled),
+            apply_top_p=any(p.top_p < 1.0 for p in sampled),
+        )
+        return info.top_ks <= 1, 1.0 / temperature, sampling
+
+    def _verify_window(
+        self, batch: ScheduleBatch, bonus_tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids ``[bonus, mask x gamma]``, positions ``P..P+gamma``, cache slots), each int64 ``[bs, gamma + 1]``."""
+        bs, width = batch.seq_lens.shape[0], self.verify_width
+        ids, positions, cache_loc = (torch.empty((bs, width), dtype=torch.int64, device=self.device) for _ in range(3))
+        _prepare_dflash_draft_block_unchecked(
+            bonus_tokens=bonus_tokens.view(-1),
+            prefix_lens=batch.seq_lens.view(-1),
+            req_pool_indices=batch.req_pool_indices.view(-1),
+            req_to_token=self.model_runner.req_to_token_pool.req_to_token,
+            block_ids_out=ids,
+            positions_out=positions,
+            cache_loc_out=cache_loc,
+            mask_token_id=self._mask_token_id,
+        )
+        return ids, positions, cache_loc
+
+    def _host_seq_lens(
+        self, batch: ScheduleBatch, draft_input: DFlashDraftInputV2, width: int
+    ) -> tuple[torch.Tensor, int]:
+        """Host upper bound of the KV length of a ``width``-token forward (attention planning), no sync."""
+        if batch.seq_lens_cpu is not None:
+            seq_lens_cpu = batch.seq_lens_cpu + width
+            return seq_lens_cpu, int(seq_lens_cpu.sum())
+        if draft_input.reserved_seq_lens_cpu is not None:  # reserved >= committed + 2 * (gamma + 1)
+            return draft_input.reserved_seq_lens_cpu, int(draft_input.reserved_seq_lens_sum)
+        raise RuntimeError("DSPARK decode needs host sequence lengths (batch.seq_lens_cpu or the reserved lengths).")
+
+    def _draft(
+        self,
+        batch: ScheduleBatch,
+        draft_input: DFlashDraftInputV2,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache_loc: torch.Tensor,
+        inv_temperature: torch.Tensor,
+        greedy: torch.Tensor,
+        uniforms: torch.Tensor,
+    ) -> DraftBlock:
+        """One draft forward over the first gamma window slots, then the Markov sampling loop."""
+        bs, gamma = ids.shape[0], self.gamma
+        block_ids = ids[:, :gamma].contiguous()
+        anchor = block_ids[:, 0]
+        embed = self.target_worker.model_runner.model.get_input_embeddings()
+        seq_lens_cpu, seq_lens_sum = self._host_seq_lens(batch, draft_input, gamma)
+        forward_batch = ForwardBatch(
+            forward_mode=ForwardMode.TARGET_VERIFY,
+            batch_size=bs,
+            input_ids=block_ids.view(-1),
+            req_pool_indices=batch.req_pool_indices,
+            seq_lens=batch.seq_lens,
+            out_cache_loc=cache_loc[:, :gamma].reshape(-1),
+            seq_lens_sum=seq_lens_sum,
+            seq_lens_cpu=seq_lens_cpu,
+            positions=positions[:, :gamma].reshape(-1),
+            input_embeds=embed(block_ids).view(bs * gamma, -1),
+            spec_algorithm=self.draft_model_runner.spec_algorithm,
+            spec_info=self._draft_spec_info,
+            capture_hidden_mode=CaptureHiddenMode.NULL,
+        )
+        sampler = self._draft_sampler
+        if sampler is not None and bs <= sampler.max_bs:
+            sampler.stage(anchor, inv_temperature, greedy, uniforms)
+        with torch.inference_mode():
+            out = self.draft_model_runner.forward(forward_batch)
+            if sampler is not None and out.can_run_graph:
+                return sampler.block(bs)
+            hidden = out.logits_output.hidden_states
+            if hidden is None:
+                raise RuntimeError("DSPARK draft model returned no hidden states.")
+            return self.draft_model.draft_block(hidden, self._lm_head_weight, anchor, inv_temperature, greedy, uniforms)
+
+    def _verify(
+        self,
+        batch: ScheduleBatch,
+        draft_input: DFlashDraftInputV2,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache_loc: torch.Tensor,
+    ) -> tuple[LogitsProcessorOutput, bool]:
+        """Target TARGET_VERIFY forward over ``[x_0, x_1..x_gamma]`` -> (logits output with the captured
+        hidden states, whether the target CUDA graph ran)."""
+        verify_input = DFlashVerifyInput(
+            draft_token=ids.view(-1),
+            positions=positions.view(-1),
+            draft_token_num=self.verify_width,
+            custom_mask=None,
+            capture_hidden_mode=CaptureHiddenMode.FULL,
+        )
+        batch.out_cache_loc = cache_loc.view(-1)
+        seq_lens_cpu, seq_lens_sum = batch.seq_lens_cpu, batch.seq_lens_sum
+        batch.seq_lens_cpu, batch.seq_lens_sum = self._host_seq_lens(batch, draft_input, self.verify_width)
+        try:
+            verify_batch, _ = verify_input.prepare_for_verify(batch, self.target_worker)
+        finally:
+            batch.seq_lens_cpu, batch.seq_lens_sum = seq_lens_cpu, seq_lens_sum
+        out = self.target_worker.forward_batch_generation(
+            batch=None, forward_batch=verify_batch, is_verify=True, skip_attn_backend_init=True
+        )
+        return out.logits_output, out.can_run_cuda_graph

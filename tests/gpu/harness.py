@@ -1,0 +1,204 @@
+"""Shared pieces of the GPU test scripts: result recording and SGLang servers driven over HTTP.
+
+Results go to ``$OUT/<name>.json`` (``OUT`` defaults to ``./gpu-out``) with the command line, git commit,
+date, device, versions, every check (name, ok, detail) and the raw numbers; a script exits non-zero when a
+check fails. Servers are ``python -m sglang.launch_server`` subprocesses in their own process group,
+logged to ``$OUT/logs/<name>.log``, stopped (SIGTERM, then SIGKILL) when their ``with`` block ends.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+OUT = Path(os.environ.get("OUT") or os.environ.get("SGL_RUN_OUT") or REPO / "gpu-out")
+
+# Flags every server of these tests gets (see shared/device/README.md): the kit has FlashInfer kernels and
+# no xgrammar; configs without tokenizers are served with input_ids.
+COMMON_SERVER_ARGS = [
+    "--skip-tokenizer-init",
+    "--attention-backend", "flashinfer",
+    "--grammar-backend", "none",
+    "--sampling-backend", "pytorch",
+    "--disable-prefill-cuda-graph",
+    "--cuda-graph-max-bs-decode", "8",
+    "--dtype", "bfloat16",
+    "--context-length", "4096",
+    "--max-total-tokens", "65536",
+    "--decode-log-interval", "1",
+    "--random-seed", "0",
+]
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    info = {
+        "command": os.environ.get("DSPARK_GPU_COMMAND") or " ".join([Path(sys.executable).name, *sys.argv]),
+        "script": " ".join([Path(sys.executable).name, *sys.argv]),
+        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("GIT_COMMIT", "unknown"),
+        "git_dirty": bool(_git("status", "--porcelain")),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
+    try:
+        import sglang
+
+        info["sglang"] = sglang.__version__
+    except ImportError:
+        info["sglang"] = None
+    return info
+
+
+class Report:
+    """Checks and raw results of one script, written as JSON."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.data: dict[str, Any] = {"name": name, **environment(), "checks": [], "results": {}}
+
+    def check(self, name: str, ok: bool, detail: Any = None) -> bool:
+        self.data["checks"].append({"name": name, "ok": bool(ok), "detail": detail})
+        print(f"[{'PASS' if ok else 'FAIL'}] {name}" + (f": {detail}" if detail is not None else ""), flush=True)
+        return bool(ok)
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        """Run ``fn``; an exception is a failed check carrying the traceback."""
+        try:
+            return fn()
+        except Exception:  # noqa: BLE001 - every failure must land in the report
+            self.check(name, False, traceback.format_exc(limit=8))
+            return None
+
+    @property
+    def ok(self) -> bool:
+        return all(c["ok"] for c in self.data["checks"]) and bool(self.data["checks"])
+
+    def write(self) -> Path:
+        OUT.mkdir(parents=True, exist_ok=True)
+        self.data["ok"] = self.ok
+        path = OUT / f"{self.name}.json"
+        path.write_text(json.dumps(self.data, indent=1, default=str))
+        print(f"{self.name}: {'OK' if self.ok else 'FAILED'} -> {path}", flush=True)
+        return path
+
+
+class Server:
+    """An SGLang server for the duration of a ``with`` block."""
+
+    def __init__(
+        self, name: str, model: Path, extra_args: list[str], port: int, env: dict[str, str] | None = None,
+        start_timeout: float = 420.0,
+    ) -> None:
+        self.name = name
+        self.url = f"http://127.0.0.1:{port}"
+        self.args = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model),
+                     *COMMON_SERVER_ARGS, *extra_args, "--port", str(port)]
+        self.env = {**os.environ, **(env or {})}
+        self.extra_env = env or {}
+        self.start_timeout = start_timeout
+        self.log_path = OUT / "logs" / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+        self.startup_seconds: float | None = None
+
+    def __enter__(self) -> "Server":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"[server {self.name}] {' '.join(self.args)}", flush=True)
+        log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
+        start = time.time()
+        while time.time() - start < self.start_timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server {self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(self.url + "/health", timeout=5).status_code == 200:
+                    self.startup_seconds = round(time.time() - start, 1)
+                    print(f"[server {self.name}] up after {self.startup_seconds}s", flush=True)
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(2)
+        self.__exit__(None, None, None)
+        raise RuntimeError(f"server {self.name} not healthy after {self.start_timeout}s:\n{self.log_tail()}")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        pgid = os.getpgid(self.proc.pid)
+        os.killpg(pgid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def describe(self) -> dict[str, Any]:
+        return {"command": " ".join(self.args[1:]), "env": self.extra_env, "startup_seconds": self.startup_seconds,
+                "log": str(self.log_path.relative_to(OUT))}
+
+    # ---- requests ----
+
+    def generate(self, input_ids: list[int], sampling_params: dict[str, Any]) -> dict[str, Any]:
+        payload = {"input_ids": input_ids, "sampling_params": sampling_params}
+        response = requests.post(self.url + "/generate", json=payload, timeout=300)
+        response.raise_for_status()
+        return response.json()
+
+    def generate_many(
+        self, prompts: list[list[int]], sampling_params: list[dict[str, Any]], concurrency: int
+    ) -> list[dict[str, Any]]:
+        """All prompts with at most ``concurrency`` requests in flight; results in prompt order."""
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            return list(pool.map(self.generate, prompts, sampling_params))
+
+    def server_info(self) -> dict[str, Any]:
+        response = requests.get(self.url + "/server_info", timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    def avg_spec_accept_length(self) -> float | None:
+        states = self.server_info().get("internal_states") or [{}]
+        return states[0].get("avg_spec_accept_length")
+
+    def metrics(self) -> str:
+        response = requests.get(self.url + "/metrics", timeout=30)
+        response.raise_for_status()
+        return response.text
+
+
+def metric_value(metrics_text: str, name: str) -> float | None:
+    """The first sample of Prometheus metric ``name`` in a /metrics text, or None."""
+    for line in metrics_text.splitlines():
+        if line.startswith(name) and (line[len(name)] in " {"):
+            return float(line.rsplit(" ", 1)[1])
+    return None

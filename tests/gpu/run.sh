@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# GPU tests of the SGLang integration. On the GPU machine, from the repo root:
+#   SGL_RUN_OUT=$OUT bash .device/sgl-run.sh -- bash tests/gpu/run.sh [WHICH] [ARGS...]
+# WHICH: smoke (default: unit checks, then the no-spec server and DSPARK with the perfect and half bigram
+#        drafts), more (simulated acceptance, gated head, no CUDA graphs), unit, fixture [TARGET_DIR
+#        [DRAFT_DIR [MAX_NEW_TOKENS]]] (a trained pair; default tests/fixtures/tiny-qwen3{,-dspark}).
+#        Each fits in one 10-minute device command.
+# Writes $OUT/<test>.json (command, git commit, date, device, checks, raw numbers), $OUT/logs/*.log and
+# $OUT/run.json; exits non-zero when a check fails.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export DSPARK_GPU_COMMAND="bash tests/gpu/run.sh $*"
+WHICH=${1:-smoke}
+shift $(( $# > 0 ? 1 : 0 ))
+export OUT=${SGL_RUN_OUT:-${OUT:-$PWD/gpu-out}}
+mkdir -p "$OUT/logs"
+log() { echo "[run.sh $(date +%H:%M:%S)] $*"; }
+: "${SGLANG_SITE:?run this through .device/sgl-run.sh, which unpacks SGLang and sets SGLANG_SITE}"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export GIT_COMMIT=${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+
+log "patching SGLang in $SGLANG_SITE"
+python3 -m sglang_dspark.patching apply --site "$SGLANG_SITE" > "$OUT/logs/patching.log" 2>&1 \
+  && python3 -m sglang_dspark.patching check --site "$SGLANG_SITE" >> "$OUT/logs/patching.log" 2>&1 \
+  || { cat "$OUT/logs/patching.log"; log "patch series does not apply"; exit 2; }
+log "installing sglang_dspark (plugin entry point)"
+if ! python3 -m pip install --no-deps --no-index --no-build-isolation -e . > "$OUT/logs/pip-install.log" 2>&1; then
+  log "pip install -e failed (see logs/pip-install.log); writing the entry point into \$SGLANG_SITE instead"
+  python3 -m sglang_dspark.patching apply --site "$SGLANG_SITE" --entry-point >> "$OUT/logs/patching.log" 2>&1 || exit 2
+fi
+python3 -c "from importlib.metadata import entry_points as e; assert any(p.name == 'dspark' for p in e(group='sglang.srt.plugins'))" \
+  || { log "the sglang.srt.plugins entry point 'dspark' is not visible"; exit 2; }
+
+declare -A RC
+run() { local name=$1; shift; log "start $name"; "$@"; RC[$name]=$?; log "end $name rc=${RC[$name]}"; }
+case "$WHICH" in
+  unit) run unit python3 tests/gpu/unit.py ;;
+  smoke) run unit python3 tests/gpu/unit.py; run smoke python3 tests/gpu/smoke.py smoke ;;
+  more) run more python3 tests/gpu/smoke.py more ;;
+  fixture) run fixture python3 tests/gpu/fixture_pair.py "$@" ;;
+  *) log "unknown WHICH=$WHICH (smoke|more|unit|fixture)"; exit 2 ;;
+esac
+
+status=0
+summary="{\"which\": \"$WHICH\", \"git_commit\": \"$GIT_COMMIT\", \"date\": \"$(date -u +%FT%TZ)\", \"rc\": {"
+sep=""
+for name in "${!RC[@]}"; do
+  summary+="$sep\"$name\": ${RC[$name]}"; sep=", "
+  [ "${RC[$name]}" -eq 0 ] || status=1
+done
+echo "$summary}}" > "$OUT/run.json"
+log "done: $(cat "$OUT/run.json")"
+exit $status

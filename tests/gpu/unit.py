@@ -1,0 +1,396 @@
+"""Component checks that need SGLang or a GPU but no server (``python tests/gpu/unit.py``).
+
+* ``DSparkDraftModel`` (SGLang layers) loads DeepSpec and TorchSpec drafts with every Markov head type
+  through the one loader, holds exactly the checkpoint's tensors (fused QKV / gate-up included), rejects a
+  checkpoint with a missing tensor, and its ``draft_block`` equals the reference drafter on the same
+  hidden states. Runs on CPU too (``SGLANG_USE_CPU_ENGINE=1`` is set when there is no GPU).
+* ``DSparkWorker``'s decode step with mocked runners (bigram target, bigram draft): window, draft
+  forward batch, verify ids, accepted counts, output layout, published lengths, committed draft K/V rows,
+  for greedy, mixed and simulated acceptance and for the graph (sampler buffer) path. Runs on CPU too.
+* CUDA only: the draft sampler (``accept.sample_draft_block``) and the acceptance
+  (``accept.accept_drafts`` + ``commit_layout``) raise nothing under ``torch.cuda.set_sync_debug_mode
+  ("error")`` and give the same results replayed from a captured CUDA graph as run eagerly.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import types
+from contextlib import ExitStack
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Report  # noqa: E402
+
+from sglang_dspark import accept  # noqa: E402
+from sglang_dspark.checkpoint import (  # noqa: E402
+    DSparkCheckpointError,
+    load_safetensors,
+    random_draft_weights,
+    read_draft_config,
+    save_draft,
+)
+from sglang_dspark.config import DSparkConfig  # noqa: E402
+from sglang_dspark.reference.drafter import DSparkDrafter  # noqa: E402
+from sglang_dspark.reference.heads import build_confidence_head, build_markov_head  # noqa: E402
+from sglang_dspark.reference.sampling import SamplingBatch, SamplingParams  # noqa: E402
+
+
+def small_config(kind: str, **overrides) -> DSparkConfig:
+    fields = dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=64, vocab_size=300, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=1024,
+        block_size=7, mask_token_id=299, target_layer_ids=(0, 2), num_target_layers=4, markov_rank=16,
+        markov_head_type=kind, enable_confidence_head=True, confidence_head_with_markov=True,
+    )
+    fields.update(overrides)
+    return DSparkConfig(**fields)
+
+
+class _ServerArgs(types.SimpleNamespace):
+    """Stands in for SGLang's global server args, which some layers read at construction (all None)."""
+
+    def __getattr__(self, name):
+        return None
+
+
+def build_sglang_model(draft_dir: Path):
+    from sglang.srt.runtime_context import get_parallel
+    from sglang.srt.server_args import set_global_server_args_for_scheduler
+    from transformers import AutoConfig
+
+    from sglang_dspark.model import DSparkDraftModel
+    from sglang_dspark.plugin import register_config_types
+
+    register_config_types()
+    set_global_server_args_for_scheduler(_ServerArgs())
+    with get_parallel().override(tp_size=1, tp_rank=0, attn_tp_size=1, attn_tp_rank=0):
+        return DSparkDraftModel(AutoConfig.from_pretrained(draft_dir))
+
+
+def check_model(report: Report, kind: str, fmt: str, with_markov_features: bool) -> None:
+    name = f"model {kind}/{fmt}/confidence{'+markov' if with_markov_features else ''}"
+    config = small_config(kind, confidence_head_with_markov=with_markov_features)
+    weights = random_draft_weights(config, seed=3)
+    root = Path(tempfile.mkdtemp(prefix="dspark-unit-"))
+    save_draft(root / "draft", config, weights, fmt)
+    model = build_sglang_model(root / "draft")
+    report.check(f"{name}: config parsed from SGLang's HF config == read_draft_config(dir)",
+                 (model.dspark_config, model.checkpoint_format) == read_draft_config(root / "draft"))
+    model.load_weights(load_safetensors(root / "draft")[0].items())
+    params = dict(model.named_parameters())
+
+    def loaded(canonical: str) -> torch.Tensor:
+        for fused, parts, owner in (("qkv_proj", ("q_proj", "k_proj", "v_proj"), ".self_attn."),
+                                    ("gate_up_proj", ("gate_proj", "up_proj"), ".mlp.")):
+            for i, part in enumerate(parts):
+                if f"{owner}{part}." in canonical:
+                    fused_param = params[canonical.replace(part, fused)]
+                    sizes = [weights[canonical.replace(part, p)].shape[0] for p in parts]
+                    return fused_param.split(sizes, dim=0)[i]
+        return params[canonical]
+
+    wrong = [n for n, w in weights.items() if not torch.equal(loaded(n).float(), w.float())]
+    report.check(f"{name}: every checkpoint tensor loaded into its SGLang parameter", not wrong, wrong[:5] or None)
+
+    # draft_block vs the reference drafter fed the same hidden states.
+    ref = DSparkDrafter(config)
+    ref.load_state_dict(weights, strict=True)
+    bs, gamma, gen = 6, 5, torch.Generator().manual_seed(4)
+    hidden = torch.randn(bs, gamma, config.hidden_size, generator=gen)
+    lm_head = torch.randn(config.vocab_size, config.hidden_size, generator=gen)
+    embed = torch.randn(config.vocab_size, config.hidden_size, generator=gen)
+    anchor = torch.randint(0, config.vocab_size, (bs,), generator=gen)
+    ref.backbone = lambda block_embeds, cache: hidden  # the reference proposes from these hidden states
+    greedy_sb = SamplingBatch.repeat(SamplingParams(temperature=0.0), bs)
+    want = ref.propose(anchor, ref.new_context_cache(bs), embed, lm_head, gamma, greedy_sb)
+    with torch.no_grad():
+        got = model.draft_block(hidden.reshape(bs * gamma, -1), lm_head, anchor, torch.ones(bs),
+                                torch.ones(bs, dtype=torch.bool), torch.rand(bs, gamma, generator=gen))
+    report.check(f"{name}: draft_block tokens == reference propose (greedy)", torch.equal(got.tokens, want.tokens),
+                 {"got": got.tokens.tolist(), "want": want.tokens.tolist()} if not torch.equal(got.tokens, want.tokens) else None)
+    close = torch.allclose(got.confidence_logits, want.confidence_logits, atol=1e-4, rtol=1e-4)
+    report.check(f"{name}: draft_block confidence logits == reference", close)
+    report.check(f"{name}: drafts are not constant", len(set(got.tokens.flatten().tolist())) > 1)
+
+    # A checkpoint missing a tensor is refused, naming it.
+    raw = load_safetensors(root / "draft")[0]
+    missing = next(n for n in raw if "layers.1" in n and "k_proj" in n)
+    del raw[missing]
+    try:
+        model.load_weights(raw.items())
+        report.check(f"{name}: a missing tensor is refused", False, "load_weights accepted it")
+    except DSparkCheckpointError as e:
+        report.check(f"{name}: a missing tensor is refused", "k_proj" in str(e), str(e).splitlines()[-1][:200])
+
+
+def check_worker_step(report: Report) -> None:
+    """``DSparkWorker._decode`` against a bigram target ``f`` and a bigram draft ``g`` (mocked runners)."""
+    import sglang_dspark.worker as worker_module
+    from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+    from sglang.srt.speculative.dflash_info_v2 import DFlashDraftInputV2
+
+    vocab, gamma, d, features = 50, 4, 8, 16
+    gen = torch.Generator().manual_seed(0)
+    f = torch.randperm(vocab, generator=gen)
+    g = torch.where(torch.rand(vocab, generator=gen) < 0.5, f, (f + 1) % vocab)
+    t = 7
+    for _ in range(gamma + 1):  # a chain from 7 on which every draft is right
+        g[t] = f[t]
+        t = int(f[t])
+
+    def expected(anchor: int) -> tuple[int, int]:
+        t, a = anchor, 0
+        while a < gamma and g[t] == f[t]:
+            t, a = int(f[t]), a + 1
+        return a, int(f[t])
+
+    def prepare_block(bonus_tokens, prefix_lens, req_pool_indices, req_to_token, block_ids_out, positions_out,
+                      cache_loc_out, mask_token_id):  # the Triton kernel's contract, in torch
+        width = block_ids_out.shape[1]
+        block_ids_out.fill_(mask_token_id)
+        block_ids_out[:, 0] = bonus_tokens
+        positions_out.copy_(prefix_lens[:, None] + torch.arange(width))
+        cache_loc_out.copy_(req_to_token[req_pool_indices[:, None], positions_out])
+
+    def draft_block(hidden, lm_head_weight, anchor, inv_temperature, greedy, uniforms):
+        assert hidden.shape == (anchor.shape[0] * gamma, d), hidden.shape
+        tokens, prev = [], anchor
+        for _ in range(gamma):
+            prev = g[prev]
+            tokens.append(prev)
+        tokens = torch.stack(tokens, 1)
+        return accept.DraftBlock(tokens, torch.nn.functional.one_hot(tokens, vocab).float(), None)
+
+    seen = {}
+
+    def draft_forward(forward_batch):
+        seen["draft"] = forward_batch
+        hidden = torch.randn(forward_batch.batch_size * gamma, d)
+        return types.SimpleNamespace(can_run_graph=seen.get("graph", False),
+                                     logits_output=types.SimpleNamespace(hidden_states=hidden))
+
+    def target_forward(batch=None, forward_batch=None, is_verify=False, skip_attn_backend_init=False):
+        ids = forward_batch.draft_token
+        seen["verify_ids"] = ids.clone()
+        logits = torch.nn.functional.one_hot(f[ids], vocab).float() * 10
+        return types.SimpleNamespace(can_run_cuda_graph=False, logits_output=LogitsProcessorOutput(
+            next_token_logits=logits, hidden_states=torch.randn(ids.shape[0], features)))
+
+    class Sampler:  # the folded sampler's interface: stage before the replay, read after
+        max_bs = 8
+
+        def stage(self, anchor, inv_temperature, greedy, uniforms):
+            self.anchor, self.greedy = anchor.clone(), greedy.clone()
+
+        def block(self, bs):
+            return draft_block(torch.zeros(bs * gamma, d), None, self.anchor, None, None, None)
+
+    class SamplingInfo(types.SimpleNamespace):
+        def __len__(self):
+            return self.temperatures.shape[0]
+
+    req_to_token = torch.arange(4 * 100).view(4, 100)
+    worker = object.__new__(worker_module.DSparkWorker)
+    worker.__dict__.update(
+        gamma=gamma, verify_width=gamma + 1, device=torch.device("cpu"), _mask_token_id=vocab - 1,
+        _lm_head_weight=torch.randn(vocab, d), _draft_spec_info=None, _simulation=None, _draft_sampler=None,
+        draft_model=types.SimpleNamespace(draft_block=draft_block),
+        model_runner=types.SimpleNamespace(req_to_token_pool=types.SimpleNamespace(req_to_token=req_to_token)),
+        draft_model_runner=types.SimpleNamespace(forward=draft_forward, spec_algorithm=None),
+        _target_worker=types.SimpleNamespace(forward_batch_generation=target_forward, model_runner=types.SimpleNamespace(
+            model=types.SimpleNamespace(get_input_embeddings=lambda: torch.nn.Embedding(vocab, d)))),
+    )
+    committed = {}
+    worker._append_target_hidden_to_draft_kv_by_loc = lambda **kw: committed.update(kw)
+
+    def batch(bonus: list[int], prefix: list[int], greedy: list[bool]):
+        bs = len(bonus)
+        top_k = torch.tensor([1 if gr else 5 for gr in greedy])
+        info = SamplingInfo(is_all_greedy=all(greedy), temperatures=torch.ones(bs, 1), top_ks=top_k, top_ps=torch.ones(bs),
+                            has_custom_logit_processor=False, acc_linear_penalties=None, penalizer_orchestrator=None,
+                            vocab_mask=None, logit_bias=None)
+        draft_input = DFlashDraftInputV2(topk_p=torch.empty(bs, 0), topk_index=torch.empty(bs, 0, dtype=torch.int64),
+                                         bonus_tokens=torch.tensor(bonus), new_seq_lens=torch.tensor(prefix),
+                                         hidden_states=torch.empty(bs, 0))
+        return types.SimpleNamespace(
+            return_logprob=False, spec_info=draft_input, seq_lens=torch.tensor(prefix), seq_lens_cpu=torch.tensor(prefix),
+            seq_lens_sum=sum(prefix), req_pool_indices=torch.tensor([2, 0, 3]), sampling_info=info, out_cache_loc=None,
+            reqs=[types.SimpleNamespace(sampling_params=types.SimpleNamespace(top_k=int(k), top_p=1.0)) for k in top_k])
+
+    by_accepted = {}
+    for token in range(vocab):
+        by_accepted.setdefault(expected(token)[0], token)
+    bonus, prefix, pools = [by_accepted[a] for a in sorted(by_accepted)[-3:]], [10, 20, 30], [2, 0, 3]
+    with ExitStack() as stack:
+        stack.enter_context(mock.patch.object(worker_module, "_prepare_dflash_draft_block_unchecked", prepare_block))
+        stack.enter_context(mock.patch.object(worker_module.DFlashVerifyInput, "prepare_for_verify",
+                                              lambda self, batch, target_worker: (self, False)))
+        stack.enter_context(mock.patch.object(torch.Tensor, "record_stream", lambda self, stream: None))
+        for name, greedy in (("greedy", [True] * 3), ("mixed", [True, False, False])):
+            published = []
+            result = worker._decode(batch(bonus, prefix, greedy), published.append)
+            want = [expected(b) for b in bonus]
+            out = result.next_token_ids.view(3, gamma + 1)
+            rows_ok = all(out[i, : a + 1].tolist() == [int(x) for x in _chain(f, bonus[i], a)] + [y]
+                          for i, (a, y) in enumerate(want))
+            draft = seen["draft"]
+            ok = (
+                result.accept_lens.tolist() == [a + 1 for a, _ in want] and rows_ok
+                and result.new_seq_lens.tolist() == [p + a + 1 for p, (a, _) in zip(prefix, want)]
+                and torch.equal(published[0], result.new_seq_lens)
+                and result.next_draft_input.bonus_tokens.tolist() == [y for _, y in want]
+                and result.speculative_num_draft_tokens == gamma + 1
+                and draft.input_ids.view(3, gamma)[:, 0].tolist() == bonus
+                and bool((draft.input_ids.view(3, gamma)[:, 1:] == vocab - 1).all())
+                and draft.positions.view(3, gamma).tolist() == [[p + k for k in range(gamma)] for p in prefix]
+                and draft.out_cache_loc.view(3, gamma).tolist() == [req_to_token[r, p : p + gamma].tolist() for r, p in zip(pools, prefix)]
+                and draft.seq_lens_cpu.tolist() == [p + gamma for p in prefix]
+                and seen["verify_ids"].view(3, gamma + 1)[:, 0].tolist() == bonus
+                and committed["commit_lens"].tolist() == result.accept_lens.tolist()
+                and committed["positions"].view(3, gamma + 1)[:, 0].tolist() == prefix
+            )
+            report.check(f"worker step ({name}): window, draft batch, accept, layout, publish, K/V commit", ok,
+                         None if ok else {"accept_lens": result.accept_lens.tolist(), "want": want, "out": out.tolist()})
+        worker._simulation = accept.SimulatedAcceptance(gamma, "cpu", mean_length=2.0)
+        worker._draft_sampler = Sampler()
+        seen["graph"] = True
+        result = worker._decode(batch(bonus, prefix, [True, False, True]), None)
+        out = result.next_token_ids.view(3, gamma + 1)
+        ok = (result.accept_lens.tolist() == [2, 2, 2]
+              and all(out[i, :2].tolist() == [int(g[b]), int(f[g[b]])] for i, b in enumerate(bonus))
+              and worker._draft_sampler.anchor.tolist() == bonus
+              and worker._draft_sampler.greedy.tolist() == [True, False, True])
+        report.check("worker step (simulated ACC_LEN=2, graph path): one draft + the target's token", ok,
+                     None if ok else out.tolist())
+
+
+def _chain(f: torch.Tensor, start: int, n: int) -> list[int]:
+    """``f(start), f(f(start)), ...`` (``n`` tokens)."""
+    out, t = [], start
+    for _ in range(n):
+        t = int(f[t])
+        out.append(t)
+    return out
+
+
+def _capture(fn, *static_inputs):
+    """Capture ``fn(*static_inputs)`` in a CUDA graph after a warm-up on a side stream."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn(*static_inputs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn(*static_inputs)
+    return graph, outputs
+
+
+def _refill(static_inputs, new_inputs) -> None:
+    for dst, src in zip(static_inputs, new_inputs):
+        dst.copy_(src)
+
+
+def check_graph_safety(report: Report, kind: str) -> None:
+    device, vocab, d, r, bs, gamma = "cuda", 4096, 256, 32, 8, 7
+    config = small_config(kind, hidden_size=d, vocab_size=vocab, mask_token_id=vocab - 1, markov_rank=r)
+    markov, confidence = build_markov_head(config), build_confidence_head(config)
+    gen = torch.Generator().manual_seed(5)
+    for module in (markov, confidence):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        module.to(device=device, dtype=torch.bfloat16)
+
+    def draft_inputs(seed: int):
+        g = torch.Generator(device=device).manual_seed(seed)
+        return (torch.randn(bs, gamma, vocab, device=device, generator=g) * 3,
+                torch.randn(bs, gamma, d, device=device, generator=g).to(torch.bfloat16),
+                torch.randint(0, vocab, (bs,), device=device, generator=g),
+                torch.rand(bs, device=device, generator=g) + 0.5,
+                torch.rand(bs, device=device, generator=g) < 0.5,
+                torch.rand(bs, gamma, device=device, generator=g))
+
+    def draft(base, hidden, anchor, inv_t, greedy, u):
+        block = accept.sample_draft_block(base, hidden, anchor, markov, confidence, inv_t, greedy, u)
+        return block.tokens, block.probs, block.confidence_logits
+
+    static = draft_inputs(0)
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        draft(*static)
+        sampling = accept.TargetSampling(
+            temperature=torch.rand(bs, device=device) + 0.5, top_k=torch.randint(1, 50, (bs,), device=device),
+            top_p=torch.rand(bs, device=device) * 0.5 + 0.5, max_top_k=50, apply_top_k=True, apply_top_p=True)
+        _accept(torch.randint(0, vocab, (bs, gamma), device=device), torch.randn(bs, gamma + 1, vocab, device=device),
+                torch.softmax(torch.randn(bs, gamma, vocab, device=device), -1), torch.rand(bs, device=device) < 0.5,
+                torch.rand(bs, 2 * gamma + 1, device=device), torch.randint(0, 1000, (bs,), device=device), sampling)
+        report.check(f"sync-free ({kind}): draft sampler and acceptance under set_sync_debug_mode('error')", True)
+    except RuntimeError as e:
+        report.check(f"sync-free ({kind}): draft sampler and acceptance under set_sync_debug_mode('error')", False, str(e)[:300])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+    graph, outputs = _capture(draft, *static)
+    fresh = draft_inputs(1)
+    _refill(static, fresh)
+    graph.replay()
+    eager = draft(*fresh)
+    same = torch.equal(outputs[0], eager[0]) and torch.allclose(outputs[1], eager[1]) and torch.allclose(outputs[2], eager[2])
+    report.check(f"graph ({kind}): draft sampler replayed == eager on new inputs", same)
+
+    def accept_inputs(seed: int):
+        g = torch.Generator(device=device).manual_seed(seed)
+        logits = torch.randn(bs, gamma + 1, vocab, device=device, generator=g) * 2
+        drafts = logits[:, :gamma].argmax(-1)
+        drafts[:, 3:] = torch.randint(0, vocab, (bs, gamma - 3), device=device, generator=g)
+        return (drafts, logits, torch.softmax(torch.randn(bs, gamma, vocab, device=device, generator=g), -1),
+                torch.rand(bs, device=device, generator=g) < 0.5, torch.rand(bs, 2 * gamma + 1, device=device, generator=g),
+                torch.randint(0, 1000, (bs,), device=device, generator=g))
+
+    sampling = accept.TargetSampling(
+        temperature=torch.full((bs,), 0.8, device=device), top_k=torch.full((bs,), 20, device=device),
+        top_p=torch.full((bs,), 0.9, device=device), max_top_k=20, apply_top_k=True, apply_top_p=True)
+    static = accept_inputs(2)
+    graph, outputs = _capture(lambda *a: _accept(*a, sampling), *static)
+    fresh = accept_inputs(3)
+    _refill(static, fresh)
+    graph.replay()
+    eager = _accept(*fresh, sampling)
+    same = all(torch.equal(a, b) for a, b in zip(outputs, eager))
+    report.check(f"graph ({kind}): acceptance + commit layout replayed == eager on new inputs", same)
+
+
+def _accept(drafts, logits, q, greedy, u, prefix, sampling):
+    gamma = drafts.shape[1]
+    accepted, bonus = accept.accept_drafts(drafts, logits, q, greedy, sampling, u[:, :gamma], u[:, gamma])
+    layout = accept.commit_layout(drafts, accepted, bonus, prefix)
+    return accepted, bonus, layout.commit_lens, layout.out_tokens, layout.new_seq_lens
+
+
+def main() -> int:
+    report = Report("gpu-unit")
+    for kind, fmt, with_features in (("vanilla", "deepspec", True), ("gated", "deepspec", True),
+                                     ("rnn", "deepspec", False), ("vanilla", "torchspec", True)):
+        report.run(f"model {kind}/{fmt}", lambda: check_model(report, kind, fmt, with_features))
+    report.run("worker step", lambda: check_worker_step(report))
+    if torch.cuda.is_available():
+        for kind in ("vanilla", "rnn"):
+            report.run(f"graph safety {kind}", lambda: check_graph_safety(report, kind))
+    report.write()
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
