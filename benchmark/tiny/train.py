@@ -79,7 +79,7 @@ GEN_TEMPERATURES = (0.0, 0.7, 1.0)
 DEFAULTS = {
     "max_files": (None, 400),
     "tokenizer_chars": (16_000_000, 3_000_000),
-    "target_steps": (3000, 30),
+    "target_steps": (500, 30),
     "target_batch": (128, 8),
     "target_seq_len": (512, 128),
     "target_lr": (3e-3, 3e-3),
@@ -89,11 +89,11 @@ DEFAULTS = {
     "gen_prompt_len": (128, 32),
     "gen_new_tokens": (384, 64),
     "gen_time": (35.0, 60.0),
-    "draft_steps": (4000, 30),
+    "draft_steps": (6000, 30),
     "draft_batch": (64, 4),
     "draft_anchors": (128, 16),
     "draft_lr": (2e-3, 2e-3),
-    "draft_time": (150.0, 120.0),
+    "draft_time": (230.0, 120.0),
     "heldout_windows": (10_000, 16),
     "heldout_sequences": (240, 6),
     "heldout_prompts": (64, 8),
@@ -132,7 +132,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--target-layer-ids", default=None, help="comma list; default: 0..L-2 (never the last)")
     parser.add_argument("--markov-rank", type=int, default=64)
     parser.add_argument("--loss-decay", type=float, default=4.0)
-    parser.add_argument("--budget", type=float, default=420.0, help="seconds the whole run may take (phase limits shrink to fit)")
+    parser.add_argument("--budget", type=float, default=480.0, help="seconds the whole run may take (phase limits shrink to fit)")
     parser.add_argument("--humaneval", type=Path, default=HUMANEVAL_PROMPTS)
     parser.add_argument("--git-commit", default=None, help="commit to record (default: git rev-parse HEAD here)")
     for key, (full, _) in DEFAULTS.items():

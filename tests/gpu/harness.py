@@ -56,7 +56,7 @@ def environment() -> dict[str, Any]:
     info = {
         "command": os.environ.get("DSPARK_GPU_COMMAND") or " ".join([Path(sys.executable).name, *sys.argv]),
         "script": " ".join([Path(sys.executable).name, *sys.argv]),
-        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("GIT_COMMIT", "unknown"),
+        "git_commit": os.environ.get("GIT_COMMIT") or _git("rev-parse", "HEAD") or "unknown",
         "git_dirty": bool(_git("status", "--porcelain")),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
