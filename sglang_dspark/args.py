@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("sglang_dspark")
 
-DEFAULT_GAMMA = 7
 DEFAULT_MAX_RUNNING_REQUESTS = 48
 CUDA_LIKE_DEVICES = ("cuda", "musa")
 # The draft forward is gamma tokens wide while --speculative-num-draft-tokens is gamma + 1. FlashInfer
@@ -59,6 +58,8 @@ def validate_server_args(server_args: ServerArgs) -> None:
         raise ValueError(f"DSPARK speculative decoding only supports --pp-size 1, got {server_args.pp_size}.")
     if resolved_view(server_args).enable_dp_attention:
         raise ValueError("DSPARK speculative decoding does not support --enable-dp-attention.")
+    if server_args.tp_size != 1:
+        raise ValueError(f"DSPARK speculative decoding only supports --tp-size 1 for now, got {server_args.tp_size}.")
     if server_args.speculative_draft_model_path is None:
         raise ValueError(
             "DSPARK speculative decoding requires --speculative-draft-model-path (a DSpark draft checkpoint)."
@@ -123,11 +124,15 @@ def resolve_gamma(server_args: ServerArgs, draft_config: DSparkConfig) -> int:
     flag = server_args.speculative_dspark_block_size
     if flag is not None:
         gamma, source = int(flag), f"--speculative-dspark-block-size {int(flag)}"
+        if gamma > draft_config.block_size:
+            raise ValueError(
+                f"--speculative-dspark-block-size {gamma} exceeds the block_size {draft_config.block_size} the draft "
+                f"{server_args.speculative_draft_model_path} was trained with; use at most {draft_config.block_size}."
+            )
         if gamma != draft_config.block_size:
             logger.warning(
-                "DSPARK: --speculative-dspark-block-size %d differs from the draft checkpoint's block_size %d "
-                "(%s); the drafter was trained with %d.",
-                gamma, draft_config.block_size, server_args.speculative_draft_model_path, draft_config.block_size,
+                "DSPARK: --speculative-dspark-block-size %d is below the draft checkpoint's block_size %d (%s).",
+                gamma, draft_config.block_size, server_args.speculative_draft_model_path,
             )
     else:
         gamma = draft_config.block_size
@@ -144,18 +149,12 @@ def resolve_gamma(server_args: ServerArgs, draft_config: DSparkConfig) -> int:
 
 
 def read_draft_config_for_server(server_args: ServerArgs) -> DSparkConfig:
-    """The draft checkpoint's ``DSparkConfig`` (a local dir or a hub repo's config.json).
-
-    A config without ``block_size`` gets ``DEFAULT_GAMMA``; any other problem is a ValueError naming the flag.
-    """
+    """The draft checkpoint's ``DSparkConfig`` (a local dir or a hub repo's config.json); any problem is a
+    ValueError naming the flag."""
     path = server_args.speculative_draft_model_path
     config_file = _config_file(path, server_args.speculative_draft_model_revision)
     try:
-        raw = _read_json(config_file)
-        if raw.get("block_size") is None:
-            logger.warning("DSPARK: %s has no block_size; using gamma = %d.", config_file, DEFAULT_GAMMA)
-            raw["block_size"] = DEFAULT_GAMMA
-        config, _fmt = parse_draft_config(raw, config_file)
+        config, _fmt = parse_draft_config(_read_json(config_file), config_file)
     except DSparkCheckpointError as e:
         raise ValueError(f"--speculative-draft-model-path {path} is not a usable DSpark draft: {e}") from e
     return config

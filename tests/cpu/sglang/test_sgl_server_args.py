@@ -55,7 +55,7 @@ def test_block_size_flag_sets_gamma(parse, caplog):
     with caplog.at_level(logging.WARNING, logger="sglang_dspark"):
         args = parse("--speculative-dspark-block-size", "4")
     assert (args.speculative_dspark_block_size, args.speculative_num_draft_tokens) == (4, 5)
-    assert "differs from the draft checkpoint's block_size 7" in caplog.text
+    assert "is below the draft checkpoint's block_size 7" in caplog.text
 
 
 def test_consistent_explicit_values_are_kept(parse):
@@ -68,9 +68,9 @@ def test_consistent_explicit_values_are_kept(parse):
     assert args.max_running_requests == 12
 
 
-def test_missing_block_size_defaults_to_seven(parse):
-    args = parse(draft=draft_config(block_size=None))
-    assert (args.speculative_dspark_block_size, args.speculative_num_draft_tokens) == (7, 8)
+def test_missing_block_size_is_rejected(parse):
+    with pytest.raises(ValueError, match="is not a usable DSpark draft.*'block_size'"):
+        parse(draft=draft_config(block_size=None))
 
 
 def test_mixed_chunk_is_switched_off(parse):
@@ -87,6 +87,8 @@ def test_mixed_chunk_is_switched_off(parse):
         (("--speculative-eagle-topk", "2"), "--speculative-eagle-topk must be 1"),
         (("--speculative-num-steps", "3"), "--speculative-num-steps must be 1"),
         (("--pp-size", "2"), "--pp-size 1, got 2"),
+        (("--tp-size", "2"), "--tp-size 1 for now, got 2"),
+        (("--speculative-dspark-block-size", "8"), "--speculative-dspark-block-size 8 exceeds the block_size 7"),
         (("--tp-size", "2", "--dp-size", "2", "--enable-dp-attention"), "--enable-dp-attention"),
         (("--device", "cpu"), "needs a CUDA device"),
         (("--speculative-draft-attention-backend", "triton"),
