@@ -111,41 +111,60 @@ class Server:
 
     def __init__(
         self, name: str, model: Path, extra_args: list[str], port: int, env: dict[str, str] | None = None,
-        start_timeout: float = 420.0,
+        start_timeout: float = 420.0, skip_tokenizer_init: bool = True, log_dir: Path | None = None,
     ) -> None:
+        """``extra_args`` come after ``COMMON_SERVER_ARGS``, so a flag given again there overrides the common
+        value; ``skip_tokenizer_init=False`` serves the model's own tokenizer (``text`` requests work)."""
         self.name = name
         self.url = f"http://127.0.0.1:{port}"
+        common = [a for a in COMMON_SERVER_ARGS if skip_tokenizer_init or a != "--skip-tokenizer-init"]
         self.args = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model),
-                     *COMMON_SERVER_ARGS, *extra_args, "--port", str(port)]
+                     *common, *extra_args, "--port", str(port)]
         self.env = {**os.environ, **(env or {})}
         self.extra_env = env or {}
         self.start_timeout = start_timeout
-        self.log_path = OUT / "logs" / f"{name}.log"
+        self.log_path = (log_dir or OUT / "logs") / f"{name}.log"
         self.proc: subprocess.Popen | None = None
+        self.started_at: float | None = None
         self.startup_seconds: float | None = None
+        self.deadline: float | None = None  # time.time() after which requests are not waited for (None: 300 s each)
 
     def __enter__(self) -> "Server":
+        return self.start().wait_ready()
+
+    def start(self) -> "Server":
+        """Launch the server process (returns at once; ``wait_ready`` waits for /health)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         print(f"[server {self.name}] {' '.join(self.args)}", flush=True)
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=True)
-        start = time.time()
-        while time.time() - start < self.start_timeout:
+        self.started_at = time.time()
+        return self
+
+    def wait_ready(self) -> "Server":
+        """Wait until /health answers 200, at most ``start_timeout`` seconds after ``start``; on a time-out
+        the server is stopped. Raises with the log's tail when it exits or times out."""
+        assert self.proc is not None and self.started_at is not None, "wait_ready() before start()"
+        while time.time() - self.started_at < self.start_timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server {self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 if requests.get(self.url + "/health", timeout=5).status_code == 200:
-                    self.startup_seconds = round(time.time() - start, 1)
+                    self.startup_seconds = round(time.time() - self.started_at, 1)
                     print(f"[server {self.name}] up after {self.startup_seconds}s", flush=True)
                     return self
             except requests.RequestException:
                 pass
             time.sleep(2)
-        self.__exit__(None, None, None)
+        self.stop()
         raise RuntimeError(f"server {self.name} not healthy after {self.start_timeout}s:\n{self.log_tail()}")
 
     def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """SIGTERM to the server's process group, SIGKILL after 30 s."""
         if self.proc is None or self.proc.poll() is not None:
             return
         pgid = os.getpgid(self.proc.pid)
@@ -164,13 +183,21 @@ class Server:
 
     def describe(self) -> dict[str, Any]:
         return {"command": " ".join(self.args[1:]), "env": self.extra_env, "startup_seconds": self.startup_seconds,
-                "log": str(self.log_path.relative_to(OUT))}
+                "log": str(self.log_path.relative_to(OUT) if self.log_path.is_relative_to(OUT) else self.log_path)}
 
     # ---- requests ----
 
+    def _request_timeout(self) -> float:
+        if self.deadline is None:
+            return 300.0
+        left = self.deadline - time.time()
+        if left <= 0:
+            raise TimeoutError(f"server {self.name}: the time budget ran out before this request was sent")
+        return left
+
     def generate(self, input_ids: list[int], sampling_params: dict[str, Any]) -> dict[str, Any]:
         payload = {"input_ids": input_ids, "sampling_params": sampling_params}
-        response = requests.post(self.url + "/generate", json=payload, timeout=300)
+        response = requests.post(self.url + "/generate", json=payload, timeout=self._request_timeout())
         response.raise_for_status()
         return response.json()
 

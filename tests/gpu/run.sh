@@ -3,31 +3,37 @@
 #   SGL_RUN_OUT=$OUT bash .device/sgl-run.sh -- bash tests/gpu/run.sh [WHICH] [ARGS...]
 # WHICH: smoke (default: unit checks, then the no-spec server and DSPARK with the perfect and half bigram
 #        drafts), more (simulated acceptance, gated head, no CUDA graphs), unit, fixture [TARGET_DIR
-#        [DRAFT_DIR [MAX_NEW_TOKENS]]] (a trained pair; default tests/fixtures/tiny-qwen3{,-dspark}).
+#        [DRAFT_DIR [MAX_NEW_TOKENS]]] (a trained pair; default tests/fixtures/tiny-qwen3{,-dspark}),
+#        issue4 (tests/gpu/issue4.py: the tiny pair vs no-spec and the reference loop, the TorchSpec layout,
+#        Qwen3-8B shape with dummy weights; within ISSUE4_BUDGET_S, default 500 s from this script's start).
 #        Each fits in one 10-minute device command.
 # Writes $OUT/<test>.json (command, git commit, date, device, checks, raw numbers), $OUT/logs/*.log and
-# $OUT/run.json; exits non-zero when a check fails.
+# $OUT/run.json; exits non-zero when a check fails. issue4 keeps its logs in $ISSUE4_LOG_DIR
+# (/tmp/issue4-logs) and packs them into $OUT/issue4-logs.tar.gz (a device run returns at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export DSPARK_GPU_COMMAND="bash tests/gpu/run.sh $*"
+export ISSUE4_T0=${ISSUE4_T0:-$(date +%s)}
 WHICH=${1:-smoke}
 shift $(( $# > 0 ? 1 : 0 ))
 export OUT=${SGL_RUN_OUT:-${OUT:-$PWD/gpu-out}}
-mkdir -p "$OUT/logs"
+LOGS=$OUT/logs
+if [ "$WHICH" = issue4 ]; then export ISSUE4_LOG_DIR=${ISSUE4_LOG_DIR:-/tmp/issue4-logs}; LOGS=$ISSUE4_LOG_DIR; fi
+mkdir -p "$OUT" "$LOGS"
 log() { echo "[run.sh $(date +%H:%M:%S)] $*"; }
 : "${SGLANG_SITE:?run this through .device/sgl-run.sh, which unpacks SGLang and sets SGLANG_SITE}"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export GIT_COMMIT=${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+nvidia-smi > "$LOGS/nvidia-smi.txt" 2>&1
 
 log "patching SGLang in $SGLANG_SITE"
-python3 -m sglang_dspark.patching apply --site "$SGLANG_SITE" > "$OUT/logs/patching.log" 2>&1 \
-  && python3 -m sglang_dspark.patching check --site "$SGLANG_SITE" >> "$OUT/logs/patching.log" 2>&1 \
-  || { cat "$OUT/logs/patching.log"; log "patch series does not apply"; exit 2; }
+python3 -m sglang_dspark.patching apply --site "$SGLANG_SITE" > "$LOGS/patching.log" 2>&1 \
+  && python3 -m sglang_dspark.patching check --site "$SGLANG_SITE" >> "$LOGS/patching.log" 2>&1 \
+  || { cat "$LOGS/patching.log"; log "patch series does not apply"; exit 2; }
 log "installing sglang_dspark (plugin entry point)"
-if ! python3 -m pip install --no-deps --no-index --no-build-isolation -e . > "$OUT/logs/pip-install.log" 2>&1; then
-  log "pip install -e failed (see logs/pip-install.log); writing the entry point into \$SGLANG_SITE instead"
-  python3 -m sglang_dspark.patching apply --site "$SGLANG_SITE" --entry-point >> "$OUT/logs/patching.log" 2>&1 || exit 2
+if ! python3 -m pip install --no-deps --no-index --no-build-isolation -e . > "$LOGS/pip-install.log" 2>&1; then
+  log "pip install -e failed (see $LOGS/pip-install.log); writing the entry point into \$SGLANG_SITE instead"
+  python3 -m sglang_dspark.patching apply --site "$SGLANG_SITE" --entry-point >> "$LOGS/patching.log" 2>&1 || exit 2
 fi
 python3 -c "from importlib.metadata import entry_points as e; assert any(p.name == 'dspark' for p in e(group='sglang.srt.plugins'))" \
   || { log "the sglang.srt.plugins entry point 'dspark' is not visible"; exit 2; }
@@ -39,7 +45,8 @@ case "$WHICH" in
   smoke) run unit python3 tests/gpu/unit.py; run smoke python3 tests/gpu/smoke.py smoke ;;
   more) run more python3 tests/gpu/smoke.py more ;;
   fixture) run fixture python3 tests/gpu/fixture_pair.py "$@" ;;
-  *) log "unknown WHICH=$WHICH (smoke|more|unit|fixture)"; exit 2 ;;
+  issue4) run issue4 python3 tests/gpu/issue4.py ;;
+  *) log "unknown WHICH=$WHICH (smoke|more|unit|fixture|issue4)"; exit 2 ;;
 esac
 
 status=0
