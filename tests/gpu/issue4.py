@@ -66,7 +66,10 @@ META_KEYS = ("completion_tokens", "spec_verify_ct", "spec_accept_length", "spec_
              "spec_correct_drafts_histogram", "e2e_latency")
 
 # The tiny target's max_position_embeddings is 2048 (COMMON_SERVER_ARGS says 4096: overridden here).
-TINY_ARGS = ["--context-length", "2048", "--mem-fraction-static", "0.2", "--cuda-graph-max-bs-decode", "8"]
+# No radix cache: a prefix hit on a repeated prompt takes another prefill kernel path, whose bf16 rounding
+# can flip a near-tie and make two identical servers disagree for reasons unrelated to speculation.
+TINY_ARGS = ["--context-length", "2048", "--mem-fraction-static", "0.2", "--cuda-graph-max-bs-decode", "8",
+             "--disable-radix-cache"]
 PORTS = {"baseline": 32100, "dspark": 32200, "torchspec": 32300, "qwen3-8b": 32400}
 
 BIG_N, BIG_IN, BIG_OUT, BIG_MAX_BS = 64, 512, 512, 48
@@ -478,7 +481,7 @@ def tiny_parts(clock: Clock, reference_proc: subprocess.Popen, prompts: list[lis
     ]
     steps = {"baseline": [("greedy_c1", greedy_runs(prompts, 1)), ("greedy_c8", greedy_runs(prompts, 8))],
              "dspark": dspark_steps,
-             "torchspec": [("greedy_c8", greedy_runs(prompts, 8)), ("greedy_c1", greedy_runs(prompts, 1))]}
+             "torchspec": [("greedy_c1", greedy_runs(prompts, 1)), ("greedy_c8", greedy_runs(prompts, 8))]}
     with ExitStack() as stack:
         for name, server in servers.items():
             server.start_timeout = max(30.0, guard - time.time() - 60)
@@ -795,14 +798,17 @@ def main() -> int:
         if reference_proc.poll() is None:
             reference_proc.kill()
     log(f"parts 1-2 done at {clock.elapsed()} s; {clock.left():.0f} s left")
-    if clock.left() >= PART3_NEEDS_S:
+    if os.environ.get("ISSUE4_SKIP_PART3"):
+        log("part 3 skipped (ISSUE4_SKIP_PART3 set)")
+    elif clock.left() >= PART3_NEEDS_S:
         big_part(clock)
     else:
         report = Report("issue4-3-qwen3-8b")
         report.check("part 3 started", False, f"skipped: {clock.left():.0f} s left < {PART3_NEEDS_S:.0f} s needed")
         report.write()
     log(f"done at {clock.elapsed()} s")
-    paths = [OUT / f"{name}.json" for name in ("issue4-1-tiny", "issue4-2-torchspec", "issue4-3-qwen3-8b")]
+    names = ("issue4-1-tiny", "issue4-2-torchspec") + (() if os.environ.get("ISSUE4_SKIP_PART3") else ("issue4-3-qwen3-8b",))
+    paths = [OUT / f"{name}.json" for name in names]
     ok = all(path.exists() and json.loads(path.read_text()).get("ok") for path in paths)
     return 0 if ok else 1
 
