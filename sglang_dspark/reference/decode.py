@@ -16,6 +16,7 @@ returns one state per distinct ``a``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -228,16 +229,20 @@ def speculative_generate(
     sampling: SamplingParams = SamplingParams(),
     generator: torch.Generator | None = None,
     eos_token_id: int | None = None,
+    on_tokens: Callable[[int], None] | None = None,
 ) -> SpecDecodeResult:
     """Generate up to ``max_new_tokens`` tokens for one prompt with DSpark speculative decoding.
 
     ``gamma`` defaults to the drafter's ``block_size``; it may be smaller (a block of ``gamma`` slots).
+    ``on_tokens(n)`` is called with the number of tokens each step emitted (e.g. a progress bar).
     """
     gamma = drafter.config.block_size if gamma is None else gamma
     prompt = _as_prompt(prompt_ids, target.device)
     state = prefill(target, drafter, prompt, SamplingBatch.repeat(sampling, 1), generator)
     tokens, stop = _truncate([int(state.anchor[0])], max_new_tokens, eos_token_id)
     result = SpecDecodeResult(tokens, [], [0] * gamma, [0] * gamma)
+    if on_tokens is not None:
+        on_tokens(len(tokens))
     while not stop:
         step = speculative_step(target, drafter, state, gamma, generator)
         a = int(step.accepted[0])
@@ -249,6 +254,8 @@ def speculative_generate(
             result.confidence_logits.append(step.confidence_logits[0])
         emitted, stop = _truncate(step.emitted(0), max_new_tokens - len(result.tokens), eos_token_id)
         result.tokens.extend(emitted)
+        if on_tokens is not None:
+            on_tokens(len(emitted))
         if not stop:
             ((_, state),) = commit(drafter, state, step)
     logger.debug(
@@ -266,8 +273,10 @@ def target_generate(
     sampling: SamplingParams = SamplingParams(),
     generator: torch.Generator | None = None,
     eos_token_id: int | None = None,
+    on_tokens: Callable[[int], None] | None = None,
 ) -> list[int]:
-    """The target's own output: one token per forward, sampled with ``sampling.sample_target``."""
+    """The target's own output: one token per forward, sampled with ``sampling.sample_target``;
+    ``on_tokens(1)`` after each token."""
     batch = SamplingBatch.repeat(sampling, 1)
     cache = DynamicCache(config=target.config)
     input_ids = _as_prompt(prompt_ids, target.device)
@@ -276,6 +285,8 @@ def target_generate(
         logits = target(input_ids=input_ids, past_key_values=cache, use_cache=True).logits
         token = sample_target(logits[:, -1], batch, generator)
         tokens.append(int(token[0]))
+        if on_tokens is not None:
+            on_tokens(1)
         if eos_token_id is not None and tokens[-1] == eos_token_id:
             break
         input_ids = token[:, None]
