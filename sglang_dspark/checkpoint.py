@@ -36,10 +36,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -47,6 +47,8 @@ from safetensors.torch import load_file, save_file
 from sglang_dspark.config import MARKOV_HEAD_TYPES, DSparkConfig
 
 logger = logging.getLogger("sglang_dspark")
+
+T = TypeVar("T")
 
 FORMATS = ("deepspec", "torchspec")
 DEEPSPEC_ARCHITECTURE = "Qwen3DSparkModel"
@@ -470,10 +472,18 @@ def normalize_weights(
 
 
 def load_safetensors(draft_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
-    """All tensors of a directory -> (name -> tensor, name -> file).
+    """All tensors of a directory -> (name -> tensor, name -> file); see ``read_shards``."""
+    return read_shards(draft_dir, lambda file: load_file(str(file)))
+
+
+def read_shards(
+    draft_dir: str | os.PathLike, read_file: Callable[[Path], Mapping[str, T]]
+) -> tuple[dict[str, T], dict[str, Path]]:
+    """``read_file`` applied to every weight file of a directory -> (name -> entry, name -> file).
 
     Reads ``*.safetensors.index.json`` when present (and checks it against the shards), else every
-    ``*.safetensors`` file (names must not repeat across files).
+    ``*.safetensors`` file (names must not repeat across files). ``read_file`` maps a file to its
+    tensors (``load_file``) or to header entries (``python -m sglang_dspark.inspect``).
     """
     root = Path(draft_dir)
     indexes = sorted(root.glob("*" + INDEX_SUFFIX))
@@ -500,24 +510,24 @@ def load_safetensors(draft_dir: str | os.PathLike) -> tuple[dict[str, torch.Tens
         raise DSparkCheckpointError(
             f"{indexes[0]}: lists shard(s) {absent_files}, which do not exist in {root}"
         )
-    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, T] = {}
     sources: dict[str, Path] = {}
     for file in files:
-        for name, tensor in load_file(str(file)).items():
-            if name in tensors:
+        for name, entry in read_file(file).items():
+            if name in entries:
                 raise DSparkCheckpointError(f"{file}: tensor {name!r} also appears in {sources[name]}")
             if weight_map is not None and weight_map.get(name) != file.name:
                 raise DSparkCheckpointError(
                     f"{indexes[0]}: key 'weight_map.{name}': expected {file.name!r} (the shard holding "
                     f"it), found {weight_map.get(name)!r}"
                 )
-            tensors[name] = tensor
+            entries[name] = entry
             sources[name] = file
     if weight_map is not None:
-        absent = sorted(set(weight_map) - set(tensors))
+        absent = sorted(set(weight_map) - set(entries))
         if absent:
             raise DSparkCheckpointError(f"{indexes[0]}: lists tensor(s) no shard holds: {absent}")
-    return tensors, sources
+    return entries, sources
 
 
 def load_draft(

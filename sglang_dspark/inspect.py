@@ -26,12 +26,10 @@ from safetensors import safe_open
 
 from sglang_dspark.checkpoint import (
     CONFIG_FILE,
-    INDEX_SUFFIX,
-    WEIGHTS_FILE,
     DSparkCheckpointError,
     normalize_weights,
-    _read_json,
     read_draft_config,
+    read_shards,
     read_target_config,
     target_config_value,
     validate_against_target,
@@ -66,56 +64,24 @@ class TensorHeader:
 
 
 def read_tensor_headers(draft_dir: str | os.PathLike) -> dict[str, TensorHeader]:
-    """Checkpoint tensor name -> header entry, for every weight file of ``draft_dir``.
+    """Checkpoint tensor name -> header entry, for every weight file of ``draft_dir``, with the file
+    selection and consistency checks of ``checkpoint.read_shards``; no tensor data is read."""
+    headers, _ = read_shards(draft_dir, _file_headers)
+    return headers
 
-    Same file selection and consistency checks as ``checkpoint.load_safetensors``: the
-    ``*.safetensors.index.json`` when present (every listed shard must exist and hold exactly the
-    tensors the index assigns to it), else every ``*.safetensors``; a name may appear only once.
-    """
-    root = Path(draft_dir)
-    indexes = sorted(root.glob("*" + INDEX_SUFFIX))
-    if len(indexes) > 1:
-        raise DSparkCheckpointError(
-            f"{root}: expected at most one *{INDEX_SUFFIX}, found {[p.name for p in indexes]}"
-        )
-    weight_map = None
-    if indexes:
-        weight_map = _read_json(indexes[0]).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise DSparkCheckpointError(f"{indexes[0]}: required key 'weight_map' is missing or not an object")
-        files = [root / name for name in sorted(set(weight_map.values()))]
-        absent = [f.name for f in files if not f.is_file()]
-        if absent:
-            raise DSparkCheckpointError(f"{indexes[0]}: lists shard(s) {absent}, which do not exist in {root}")
-    else:
-        files = sorted(root.glob("*.safetensors"))
-    if not files:
-        raise DSparkCheckpointError(
-            f"{root}: expected {WEIGHTS_FILE} or sharded *.safetensors with model{INDEX_SUFFIX}, found none"
-        )
+
+def _file_headers(file: Path) -> dict[str, TensorHeader]:
     headers: dict[str, TensorHeader] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                if name in headers:
-                    raise DSparkCheckpointError(f"{file}: tensor {name!r} also appears in {headers[name].file}")
-                if weight_map is not None and weight_map.get(name) != file.name:
-                    raise DSparkCheckpointError(
-                        f"{indexes[0]}: key 'weight_map.{name}': expected {file.name!r} (the shard holding "
-                        f"it), found {weight_map.get(name)!r}"
-                    )
-                entry = handle.get_slice(name)
-                dtype_name = entry.get_dtype()
-                if dtype_name not in _SAFETENSORS_DTYPES:
-                    raise DSparkCheckpointError(
-                        f"{file}: tensor {name!r}: expected a dtype in {sorted(_SAFETENSORS_DTYPES)}, "
-                        f"found {dtype_name!r}"
-                    )
-                headers[name] = TensorHeader(tuple(entry.get_shape()), _SAFETENSORS_DTYPES[dtype_name], file)
-    if weight_map is not None:
-        missing = sorted(set(weight_map) - set(headers))
-        if missing:
-            raise DSparkCheckpointError(f"{indexes[0]}: lists tensor(s) no shard holds: {missing}")
+    with safe_open(str(file), framework="pt") as handle:
+        for name in handle.keys():
+            entry = handle.get_slice(name)
+            dtype_name = entry.get_dtype()
+            if dtype_name not in _SAFETENSORS_DTYPES:
+                raise DSparkCheckpointError(
+                    f"{file}: tensor {name!r}: expected a dtype in {sorted(_SAFETENSORS_DTYPES)}, "
+                    f"found {dtype_name!r}"
+                )
+            headers[name] = TensorHeader(tuple(entry.get_shape()), _SAFETENSORS_DTYPES[dtype_name], file)
     return headers
 
 

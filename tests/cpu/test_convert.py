@@ -15,18 +15,7 @@ from sglang_dspark.checkpoint import load_draft, random_draft_weights, save_draf
 from sglang_dspark.config import DSparkConfig
 from sglang_dspark.convert import main
 
-TARGET_LAYERS = 6
-
-
-def tiny_config(**changes) -> DSparkConfig:
-    config = DSparkConfig(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, vocab_size=64, rms_norm_eps=1e-6, rope_theta=1e6,
-        max_position_embeddings=256, block_size=4, mask_token_id=60, target_layer_ids=(1, 2, 4),
-        num_target_layers=TARGET_LAYERS, markov_rank=8, markov_head_type="vanilla",
-        enable_confidence_head=True, confidence_head_with_markov=True,
-    )
-    return config.replace(**changes)
+from tiny_configs import tiny_config
 
 
 def bf16_draft(path: Path, fmt: str, config: DSparkConfig, with_tables: bool = True) -> dict:
