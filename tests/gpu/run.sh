@@ -2,8 +2,7 @@
 # GPU tests of the SGLang integration. On the GPU machine, from the repo root:
 #   SGL_RUN_OUT=$OUT bash .device/sgl-run.sh -- bash tests/gpu/run.sh [WHICH] [ARGS...]
 # WHICH: smoke (default: unit checks, then the no-spec server and DSPARK with the perfect and half bigram
-#        drafts), more (simulated acceptance, gated head, no CUDA graphs), unit, fixture [TARGET_DIR
-#        [DRAFT_DIR [MAX_NEW_TOKENS]]] (a trained pair; default tests/fixtures/tiny-qwen3{,-dspark}),
+#        drafts), more (simulated acceptance, gated head, no CUDA graphs), unit,
 #        issue4 (tests/gpu/issue4.py: the tiny pair vs no-spec and the reference loop, the TorchSpec layout,
 #        Qwen3-8B shape with dummy weights; within ISSUE4_BUDGET_S, default 500 s from this script's start).
 #        Each fits in one 10-minute device command.
@@ -44,9 +43,8 @@ case "$WHICH" in
   unit) run unit python3 tests/gpu/unit.py ;;
   smoke) run unit python3 tests/gpu/unit.py; run smoke python3 tests/gpu/smoke.py smoke ;;
   more) run more python3 tests/gpu/smoke.py more ;;
-  fixture) run fixture python3 tests/gpu/fixture_pair.py "$@" ;;
   issue4) run issue4 python3 tests/gpu/issue4.py ;;
-  *) log "unknown WHICH=$WHICH (smoke|more|unit|fixture|issue4)"; exit 2 ;;
+  *) log "unknown WHICH=$WHICH (smoke|more|unit|issue4)"; exit 2 ;;
 esac
 
 status=0
