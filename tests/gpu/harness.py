@@ -223,6 +223,22 @@ class Server:
         return response.text
 
 
+def outputs(responses: list[dict]) -> list[list[int]]:
+    """The ``output_ids`` of each ``/generate`` response."""
+    return [r["output_ids"] for r in responses]
+
+
+def mismatches(got: list[list[int]], want: list[list[int]]) -> list[dict]:
+    """Per differing prompt: the first differing position, 8 tokens from there on each side, the lengths."""
+    bad = []
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g != w:
+            first = next((j for j, (a, b) in enumerate(zip(g, w)) if a != b), min(len(g), len(w)))
+            bad.append({"prompt": i, "position": first, "got": g[first:first + 8], "want": w[first:first + 8],
+                        "len": [len(g), len(w)]})
+    return bad
+
+
 def metric_value(metrics_text: str, name: str) -> float | None:
     """The first sample of Prometheus metric ``name`` in a /metrics text, or None."""
     for line in metrics_text.splitlines():

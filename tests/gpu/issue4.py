@@ -48,7 +48,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import OUT, REPO, Report, Server, metric_value  # noqa: E402
+from harness import OUT, REPO, Report, Server, metric_value, mismatches, outputs  # noqa: E402
 
 TINY_TARGET = REPO / "tests" / "fixtures" / "tiny-qwen3"
 TINY_DRAFT = REPO / "tests" / "fixtures" / "tiny-qwen3-dspark"
@@ -305,21 +305,6 @@ def wait_reference(proc: subprocess.Popen, deadline: float, forced: bool) -> dic
 def records(responses: list[dict]) -> list[dict]:
     """Output ids and the meta_info fields this test reads."""
     return [{"output_ids": r["output_ids"], **{k: r["meta_info"].get(k) for k in META_KEYS}} for r in responses]
-
-
-def outputs(recs: list[dict]) -> list[list[int]]:
-    return [r["output_ids"] for r in recs]
-
-
-def mismatches(got: list[list[int]], want: list[list[int]]) -> list[dict]:
-    """Per differing prompt: the first differing position, 8 tokens from there on each side, the lengths."""
-    bad = []
-    for i, (g, w) in enumerate(zip(got, want)):
-        if g != w:
-            first = next((j for j, (a, b) in enumerate(zip(g, w)) if a != b), min(len(g), len(w)))
-            bad.append({"prompt": i, "position": first, "got": g[first:first + 8], "want": w[first:first + 8],
-                        "len": [len(g), len(w)]})
-    return bad
 
 
 def mismatch_summary(bad: list[dict], n: int) -> str | None:

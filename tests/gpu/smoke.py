@@ -23,7 +23,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bigram_pair  # noqa: E402
-from harness import Report, Server, metric_value  # noqa: E402
+from harness import Report, Server, metric_value, mismatches, outputs  # noqa: E402
 
 N_PROMPTS, N_OUT = 16, 96
 GREEDY = {"temperature": 0.0, "max_new_tokens": N_OUT, "ignore_eos": True}
@@ -53,27 +53,15 @@ class Smoke:
         return ["--speculative-algorithm", "DSPARK", "--speculative-draft-model-path", str(self.pair.drafts[variant]),
                 "--enable-metrics"]
 
-    def _outputs(self, responses: list[dict]) -> list[list[int]]:
-        return [r["output_ids"] for r in responses]
-
-    def _mismatches(self, outputs: list[list[int]], expected: list[list[int]]) -> list[dict]:
-        bad = []
-        for i, (got, want) in enumerate(zip(outputs, expected)):
-            if got != want:
-                first = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-                bad.append({"prompt": i, "first_diff": first, "got": got[first : first + 8], "want": want[first : first + 8],
-                            "len": [len(got), len(want)]})
-        return bad
-
     def baseline(self) -> list[list[int]]:
         with self._server("baseline", []) as server:
             server.generate_many(self.prompts[:2], [GREEDY] * 2, 2)  # warm-up
-            c1 = self._outputs(server.generate_many(self.prompts, [GREEDY] * N_PROMPTS, 1))
-            c8 = self._outputs(server.generate_many(self.prompts, [GREEDY] * N_PROMPTS, 8))
+            c1 = outputs(server.generate_many(self.prompts, [GREEDY] * N_PROMPTS, 1))
+            c8 = outputs(server.generate_many(self.prompts, [GREEDY] * N_PROMPTS, 8))
             self.report.data["results"]["baseline"] = {"server": server.describe()}
         self.report.check("baseline: greedy output is the bigram chain (fixture sanity)",
-                          not self._mismatches(c1, self.expected), self._mismatches(c1, self.expected)[:3] or None)
-        self.report.check("baseline: concurrency 8 == concurrency 1", c8 == c1, self._mismatches(c8, c1)[:3] or None)
+                          not mismatches(c1, self.expected), mismatches(c1, self.expected)[:3] or None)
+        self.report.check("baseline: concurrency 8 == concurrency 1", c8 == c1, mismatches(c8, c1)[:3] or None)
         return c1
 
     def dspark(
@@ -90,8 +78,7 @@ class Smoke:
             runs["mixed-c8"] = ([GREEDY if i % 3 == 0 else SAMPLED[i % 2] for i in range(N_PROMPTS)], 8)
             for run, (params, concurrency) in runs.items():
                 responses = server.generate_many(self.prompts, params, concurrency)
-                outputs = self._outputs(responses)
-                bad = self._mismatches(outputs, reference)
+                bad = mismatches(outputs(responses), reference)
                 self.report.check(f"{name} {run}: outputs identical to the target's", not bad, bad[:3] or None)
                 verify = [r["meta_info"].get("spec_verify_ct") for r in responses]
                 record = {"spec_verify_ct": verify,
