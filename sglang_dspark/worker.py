@@ -51,6 +51,7 @@ from sglang_dspark.accept import (
 )
 from sglang_dspark.config import DSparkConfig
 from sglang_dspark.model import DSparkDraftModel
+from sglang_dspark.timing import StepTimer, graph_replay_ms
 
 logger = logging.getLogger("sglang_dspark")
 
@@ -180,6 +181,8 @@ class DSparkWorker(DFlashWorkerV2):
             capture_hidden_mode=CaptureHiddenMode.NULL,
         )
         self._simulation = SimulatedAcceptance.from_env(os.environ, self.gamma, self.device)
+        self._timer = StepTimer.from_env(os.environ, sampler_ms=self._sampler_ms)
+        self._sampler_ms_cache: dict[int, float] = {}
         config = self._dspark_config()
         logger.info(
             "DSPARK worker: gamma=%d (draft width %d, verify width %d), %s draft %s, markov %s r=%d, "
@@ -260,13 +263,18 @@ class DSparkWorker(DFlashWorkerV2):
         bs = batch.seq_lens.shape[0]
         gamma = self.gamma
         prefix_lens = batch.seq_lens
+        timer = self._timer
+        timer.start(bs)
         greedy, inv_temperature, sampling = self._sampling(batch, bs)
         draws = torch.rand((bs, 2 * gamma + 2), device=self.device)
 
         ids, positions, cache_loc = self._verify_window(batch, draft_input.bonus_tokens)
+        timer.mark("prepare")
         block = self._draft(batch, draft_input, ids, positions, cache_loc, inv_temperature, greedy, draws[:, :gamma])
         ids[:, 1:].copy_(block.tokens)
+        timer.mark("draft")
         logits_output, can_run_cuda_graph = self._verify(batch, draft_input, ids, positions, cache_loc)
+        timer.mark("verify")
 
         logits = logits_output.next_token_logits
         if batch.sampling_info is not None:
@@ -282,6 +290,7 @@ class DSparkWorker(DFlashWorkerV2):
                 block.tokens, logits, block.probs, greedy, sampling, draws[:, gamma : 2 * gamma], draws[:, 2 * gamma]
             )
         layout = commit_layout(block.tokens, accepted, bonus, prefix_lens)
+        timer.mark("accept")
         if on_publish is not None:
             on_publish(layout.new_seq_lens)
 
@@ -296,6 +305,8 @@ class DSparkWorker(DFlashWorkerV2):
             commit_lens=layout.commit_lens,
         )
         logits_output.hidden_states = None  # keep the large buffer off the D2H copy
+        timer.mark("kv_inject")
+        timer.end(bs)
         return GenerationBatchResult(
             logits_output=logits_output,
             next_token_ids=layout.out_tokens.view(-1),
@@ -403,6 +414,18 @@ class DSparkWorker(DFlashWorkerV2):
             if hidden is None:
                 raise RuntimeError("DSPARK draft model returned no hidden states.")
             return self.draft_model.draft_block(hidden, self._lm_head_weight, anchor, inv_temperature, greedy, uniforms)
+
+    def _sampler_ms(self, bs: int) -> float:
+        """GPU ms of the Markov/confidence pass alone at batch size ``bs`` (step timing only; cached)."""
+        sampler = self._draft_sampler
+        if sampler is None or bs > sampler.max_bs:
+            return float("nan")
+        if bs not in self._sampler_ms_cache:
+            d = self._lm_head_weight.shape[1]
+            hidden = torch.zeros((bs * self.gamma, d), dtype=self._lm_head_weight.dtype, device=self.device)
+            with torch.inference_mode():
+                self._sampler_ms_cache[bs] = graph_replay_ms(lambda: sampler(hidden))
+        return self._sampler_ms_cache[bs]
 
     def _verify(
         self,

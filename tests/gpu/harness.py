@@ -112,12 +112,15 @@ class Server:
     def __init__(
         self, name: str, model: Path, extra_args: list[str], port: int, env: dict[str, str] | None = None,
         start_timeout: float = 420.0, skip_tokenizer_init: bool = True, log_dir: Path | None = None,
+        common_args: list[str] | None = None,
     ) -> None:
-        """``extra_args`` come after ``COMMON_SERVER_ARGS``, so a flag given again there overrides the common
-        value; ``skip_tokenizer_init=False`` serves the model's own tokenizer (``text`` requests work)."""
+        """``extra_args`` come after ``common_args`` (default ``COMMON_SERVER_ARGS``), so a flag given again
+        there overrides the common value; ``skip_tokenizer_init=False`` serves the model's own tokenizer
+        (``text`` requests work)."""
         self.name = name
         self.url = f"http://127.0.0.1:{port}"
-        common = [a for a in COMMON_SERVER_ARGS if skip_tokenizer_init or a != "--skip-tokenizer-init"]
+        common_args = COMMON_SERVER_ARGS if common_args is None else common_args
+        common = [a for a in common_args if skip_tokenizer_init or a != "--skip-tokenizer-init"]
         self.args = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model),
                      *common, *extra_args, "--port", str(port)]
         self.env = {**os.environ, **(env or {})}

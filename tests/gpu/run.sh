@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU tests of the SGLang integration. On the GPU machine, from the repo root:
 #   SGL_RUN_OUT=$OUT bash .device/sgl-run.sh -- bash tests/gpu/run.sh [WHICH] [ARGS...]
-# WHICH: smoke (default: unit checks, then the no-spec server and DSPARK with the perfect and half bigram
+# WHICH: setup (patch SGLang and install the plugin, nothing else), smoke (default: unit checks, then the no-spec server and DSPARK with the perfect and half bigram
 #        drafts), more (simulated acceptance, gated head, no CUDA graphs), unit,
 #        issue4 (tests/gpu/issue4.py: the tiny pair vs no-spec and the reference loop, the TorchSpec layout,
 #        Qwen3-8B shape with dummy weights; within ISSUE4_BUDGET_S, default 500 s from this script's start).
@@ -40,6 +40,7 @@ python3 -c "from importlib.metadata import entry_points as e; assert any(p.name 
 declare -A RC
 run() { local name=$1; shift; log "start $name"; "$@"; RC[$name]=$?; log "end $name rc=${RC[$name]}"; }
 case "$WHICH" in
+  setup) ;;  # only the patching and install above (benchmark/perf.sh uses it)
   unit) run unit python3 tests/gpu/unit.py ;;
   smoke) run unit python3 tests/gpu/unit.py; run smoke python3 tests/gpu/smoke.py smoke ;;
   more) run more python3 tests/gpu/smoke.py more ;;

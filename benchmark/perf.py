@@ -1,0 +1,176 @@
+"""Throughput of DSPARK against no speculation at the Qwen3-8B shape (dummy weights, simulated acceptance).
+
+    python benchmark/perf.py --engine ours           (on the GPU machine, through benchmark/perf.sh)
+    python benchmark/perf.py --engine sglang-0.5.17
+
+One run measures one engine: its own no-speculation server and its DSPARK at simulated accept lengths
+1, 2 and 3 (``SGLANG_SIMULATE_ACC_LEN``) and at the Qwen3-8B-DSpark card's per-position profile
+(``SGLANG_DSPARK_SIMULATE_ACC_PROFILE``; SGLang 0.5.17 has no profile knob, so it gets the profile's mean
+2.33 as ``SGLANG_SIMULATE_ACC_LEN`` instead). Servers: ``tests/gpu/qwen3_8b`` target and draft configs,
+``--load-format dummy``, the same flags for every engine and setting; three at a time on the one GPU
+(started together, measured one after the other). Load: random 512-id prompts, 512 new tokens, greedy,
+``ignore_eos``, ``2 x concurrency`` requests (3 at concurrency 1) after a warm-up; output tok/s = all
+completion tokens / wall time. ``--breakdown`` (ours) adds a server with ``SGLANG_DSPARK_STEP_TIMING``
+at concurrency 1 and records its per-phase step times (``sglang_dspark.timing``).
+
+Writes ``$OUT/perf-<engine>.json``: command, commit, date, device, server flags, and per setting and
+concurrency the throughput, the speedup over this run's no-speculation server and the measured accept
+length (completion tokens / verify steps). Concurrencies run in the order given (``1,32,8,64``), each only
+when the budget (``--budget``, seconds from the start) leaves room for it; a skipped point is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "gpu"))
+
+from harness import OUT, Report, Server  # noqa: E402
+
+QWEN3_8B = REPO / "tests" / "gpu" / "qwen3_8b"
+CARD_PROFILE = (0.605, 0.341, 0.186, 0.099, 0.052, 0.027, 0.014)  # Qwen3-8B-DSpark card, mean accept 2.324
+PROMPT_LEN, OUT_LEN, MAX_BS = 512, 512, 64
+LOG_DIR = Path(os.environ.get("PERF_LOG_DIR", "/tmp/perf-logs"))
+
+# The same for every engine and setting (shared/device/README.md: flashinfer, no grammar backend).
+SERVER_ARGS = [
+    "--load-format", "dummy", "--skip-tokenizer-init", "--attention-backend", "flashinfer",
+    "--grammar-backend", "none", "--sampling-backend", "pytorch", "--dtype", "bfloat16",
+    "--context-length", "4096", "--mem-fraction-static", "0.27", "--cuda-graph-max-bs-decode", str(MAX_BS),
+    "--max-running-requests", str(MAX_BS), "--disable-prefill-cuda-graph", "--random-seed", "0",
+]
+SPEC_ARGS = [
+    "--speculative-algorithm", "DSPARK", "--speculative-draft-model-path", str(QWEN3_8B / "draft"),
+    "--speculative-draft-load-format", "dummy",
+]
+TIMING_RE = re.compile(r"DSPARK step timing bs=(\d+) steps=(\d+): (.*) ms")
+
+
+def settings(engine: str, breakdown: bool) -> list[tuple[str, dict[str, str]]]:
+    """(name, server env) per setting; "baseline" is no speculation."""
+    card = ({"SGLANG_DSPARK_SIMULATE_ACC_PROFILE": ",".join(map(str, CARD_PROFILE))} if engine == "ours"
+            else {"SGLANG_SIMULATE_ACC_LEN": f"{1 + sum(CARD_PROFILE):.3f}"})
+    rows = [("baseline", {}), ("acc1", {"SGLANG_SIMULATE_ACC_LEN": "1"}),
+            ("acc3", {"SGLANG_SIMULATE_ACC_LEN": "3"}), ("acc2", {"SGLANG_SIMULATE_ACC_LEN": "2"}),
+            ("card", card)]
+    if breakdown:
+        rows.append(("breakdown", {**card, "SGLANG_DSPARK_STEP_TIMING": "100"}))
+    return rows
+
+
+def prompts(n: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, 150000) for _ in range(PROMPT_LEN)] for _ in range(n)]
+
+
+def measure(server: Server, concurrency: int, seed: int) -> dict[str, Any]:
+    n = 3 if concurrency == 1 else 2 * concurrency
+    params = {"temperature": 0.0, "max_new_tokens": OUT_LEN, "ignore_eos": True}
+    batch = prompts(n, seed)
+    start = time.time()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        responses = list(pool.map(lambda ids: server.generate(ids, params), batch))
+    wall = time.time() - start
+    meta = [r["meta_info"] for r in responses]
+    tokens = sum(m["completion_tokens"] for m in meta)
+    steps = sum(m.get("spec_verify_ct") or 0 for m in meta)
+    return {"concurrency": concurrency, "requests": n, "wall_s": round(wall, 3), "output_tokens": tokens,
+            "output_tok_s": round(tokens / wall, 1),
+            "accept_length": round(tokens / steps, 3) if steps else None,
+            "mean_e2e_s": round(sum(m["e2e_latency"] for m in meta) / n, 3)}
+
+
+def timing_lines(log: Path) -> list[dict[str, Any]]:
+    """The worker's step-timing log lines -> [{bs, steps, phase: ms, ...}]."""
+    rows = []
+    for bs, steps, body in TIMING_RE.findall(log.read_text(errors="replace")):
+        body = body.replace("(markov+confidence", "markov+confidence").replace(")", "")
+        words = body.split()
+        rows.append({"bs": int(bs), "steps": int(steps), **{k: float(v) for k, v in zip(words[::2], words[1::2])}})
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engine", choices=("ours", "sglang-0.5.17"), required=True)
+    parser.add_argument("--concurrency", default="1,32,8,64", help="comma-separated, measured in this order")
+    parser.add_argument("--only", default="", help="comma-separated setting names to run (default: all)")
+    parser.add_argument("--breakdown", action="store_true", help="ours: add the step-timing server (c1)")
+    parser.add_argument("--budget", type=float, default=480.0, help="seconds from start for the whole run")
+    parser.add_argument("--wave", type=int, default=3, help="servers started together")
+    args = parser.parse_args()
+    t0 = float(os.environ.get("PERF_T0", time.time()))
+    deadline = t0 + args.budget
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    rows = settings(args.engine, args.breakdown)
+    if args.only:
+        keep = set(args.only.split(","))
+        rows = [r for r in rows if r[0] in keep]
+
+    report = Report(f"perf-{args.engine}")
+    results = report.data["results"]
+    results.update({"engine": args.engine, "server_args": SERVER_ARGS, "spec_args": SPEC_ARGS,
+                    "prompt_len": PROMPT_LEN, "output_len": OUT_LEN, "settings": {}, "skipped": []})
+    port = 33000
+    for start in range(0, len(rows), args.wave):
+        wave = []
+        for name, env in rows[start:start + args.wave]:
+            spec = [] if name == "baseline" else SPEC_ARGS
+            wave.append((name, env, Server(f"perf-{args.engine}-{name}", QWEN3_8B / "target", spec, port, env=env,
+                                           log_dir=LOG_DIR, common_args=SERVER_ARGS)))
+            port += 10
+        for _, _, server in wave:
+            server.start()
+        for name, env, server in wave:
+            entry = results["settings"].setdefault(name, {"env": env, "points": []})
+            try:
+                server.start_timeout = max(30.0, deadline - time.time() - 30)
+                server.wait_ready()
+                entry["server"] = server.describe()
+                server.deadline = deadline - 15
+                server.generate(prompts(1, 99)[0], {"temperature": 0.0, "max_new_tokens": 64, "ignore_eos": True})
+                for c in (concurrencies if name != "breakdown" else [1]):
+                    if time.time() + (40 if c <= 8 else 30) > deadline - 15:
+                        results["skipped"].append(f"{name} c{c}: budget")
+                        continue
+                    point = measure(server, c, seed=c)
+                    entry["points"].append(point)
+                    print(f"[perf] {args.engine} {name} c{c}: {point}", flush=True)
+                if name == "breakdown":
+                    entry["step_timing"] = timing_lines(server.log_path)
+            except Exception as exc:  # noqa: BLE001 - recorded as a failed check, the other settings go on
+                report.check(f"{name}: server and load", False, f"{type(exc).__name__}: {exc}"[:4000])
+            finally:
+                server.stop()
+    _speedups(results)
+    for name, entry in results["settings"].items():
+        if name not in ("baseline", "breakdown"):
+            report.check(f"{name}: measured at every concurrency within the budget",
+                         len(entry["points"]) == len(concurrencies), [p["concurrency"] for p in entry["points"]])
+    report.write()
+    with tarfile.open(OUT / f"perf-{args.engine}-logs.tar.gz", "w:gz") as tar:
+        tar.add(LOG_DIR, arcname="logs")
+    return 0 if report.ok else 1
+
+
+def _speedups(results: dict[str, Any]) -> None:
+    base = {p["concurrency"]: p["output_tok_s"] for p in results["settings"].get("baseline", {}).get("points", [])}
+    for name, entry in results["settings"].items():
+        for point in entry["points"]:
+            if point["concurrency"] in base:
+                point["speedup"] = round(point["output_tok_s"] / base[point["concurrency"]], 3)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
