@@ -83,11 +83,13 @@ class StepTimer(NoTimer):
             self._sums[bs]["step_n"] += 1
         self._last_start, self._last_bs = now, bs
         self._events = [("start", self._record())]
+        torch.cuda.set_sync_debug_mode("warn")  # a synchronising op inside the step is logged with its line
 
     def mark(self, phase: str) -> None:
         self._events.append((phase, self._record()))
 
     def end(self, bs: int) -> None:
+        torch.cuda.set_sync_debug_mode("default")
         self._events[-1][1].synchronize()
         sums = self._sums[bs]
         for (_, before), (phase, after) in zip(self._events, self._events[1:]):

@@ -248,3 +248,55 @@ def metric_value(metrics_text: str, name: str) -> float | None:
         if line.startswith(name) and (line[len(name)] in " {"):
             return float(line.rsplit(" ", 1)[1])
     return None
+
+
+# ---- helpers of the serving tests (tests/gpu/serving.py) ----------------------------------------------
+
+
+def first_difference(a: list, b: list) -> int | None:
+    """The first index where ``a`` and ``b`` differ (the shorter length when one is a proper prefix of the
+    other), or None when they are equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def sse_events(response: requests.Response):
+    """The JSON payloads of a ``text/event-stream`` response's ``data:`` lines, up to ``data: [DONE]``."""
+    for line in response.iter_lines(decode_unicode=True):
+        if not line or not line.startswith("data:"):
+            continue
+        data = line[len("data:"):].strip()
+        if data == "[DONE]":
+            return
+        yield json.loads(data)
+
+
+def server_load(url: str, timeout: float = 10.0) -> dict[str, Any]:
+    """The load of the (single) scheduler behind ``url``: SGLang 0.5.15's ``GET /v1/loads?include=core`` entry
+    (``num_running_reqs``, ``num_waiting_reqs``, ``num_used_tokens`` = pool tokens held by requests, radix-cache
+    evictable tokens not counted, ``token_usage``, ``max_total_num_tokens``, ...)."""
+    response = requests.get(url + "/v1/loads", params={"include": "core"}, timeout=timeout)
+    response.raise_for_status()
+    loads = response.json()["loads"]
+    if len(loads) != 1:
+        raise ValueError(f"{url}/v1/loads: expected one scheduler, found {len(loads)}")
+    return loads[0]
+
+
+def wait_idle(url: str, timeout: float = 20.0, poll: float = 0.25) -> dict[str, Any]:
+    """Poll ``/v1/loads`` until no request runs or waits and no pool token is held, at most ``timeout`` s.
+    Returns ``{"idle": bool, "seconds": waited, "load": the last load}``."""
+    start = time.time()
+    load: dict[str, Any] = {}
+    while True:
+        try:
+            load = server_load(url)
+        except (requests.RequestException, ValueError, KeyError) as e:
+            load = {"error": repr(e)}
+        idle = (load.get("num_running_reqs") == 0 and load.get("num_waiting_reqs") == 0
+                and load.get("num_used_tokens") == 0)
+        if idle or time.time() - start >= timeout:
+            return {"idle": idle, "seconds": round(time.time() - start, 2), "load": load}
+        time.sleep(poll)
