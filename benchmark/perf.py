@@ -96,7 +96,6 @@ def timing_lines(log: Path) -> list[dict[str, Any]]:
     """The worker's step-timing log lines -> [{bs, steps, phase: ms, ...}]."""
     rows = []
     for bs, steps, body in TIMING_RE.findall(log.read_text(errors="replace")):
-        body = body.replace("(markov+confidence", "markov+confidence").replace(")", "")
         words = body.split()
         rows.append({"bs": int(bs), "steps": int(steps), **{k: float(v) for k, v in zip(words[::2], words[1::2])}})
     return rows

@@ -78,7 +78,7 @@ class DraftBlock:
     """The drafter's output for one block."""
 
     tokens: torch.Tensor  # int64 [bs, gamma]: x_1..x_gamma
-    probs: torch.Tensor  # float32 [bs, gamma, V]: q_k = softmax(Z_k / T) (full softmax also for greedy rows)
+    probs: torch.Tensor | None  # float32 [bs, gamma, V]: q_k = softmax(Z_k / T); None for an all-greedy block
     confidence_logits: torch.Tensor | None  # float32 [bs, gamma]; None without a confidence head
 
 
@@ -91,12 +91,15 @@ def sample_draft_block(
     inv_temperature: torch.Tensor,
     greedy: torch.Tensor,
     uniforms: torch.Tensor,
+    all_greedy: bool = False,
 ) -> DraftBlock:
     """Sample a block left to right with the Markov correction and score it with the confidence head.
 
     base_logits ``U`` ``[bs, gamma, V]`` (any float dtype; each position is taken to float32);
     hidden ``H`` ``[bs, gamma, d]`` (final-normed backbone output); anchor int64 ``[bs]``; ``1/T`` ``[bs]``; greedy bool ``[bs]``; uniforms ``[bs, gamma]``.
     The confidence head reads ``[h_k ; W1[x_{k-1}]]`` when its input is wider than ``d``, else ``h_k``.
+    ``all_greedy`` (every row greedy; ``greedy``, ``1/T`` and ``uniforms`` are then unused): tokens are
+    ``argmax Z_k`` and no draft distribution is built (``probs`` is None; greedy acceptance never reads it).
     """
     bs, gamma, _ = base_logits.shape
     use_markov_features = (
@@ -116,12 +119,15 @@ def sample_draft_block(
         if confidence_head is not None:
             features = markov_head.token_features(prev) if use_markov_features else None
             confidence.append(confidence_head(h_k, features).float())
-        prev, q = draft_step(logits, inv_temperature, greedy, uniforms[:, k])
+        if all_greedy:
+            prev = logits.argmax(dim=-1)
+        else:
+            prev, q = draft_step(logits, inv_temperature, greedy, uniforms[:, k])
+            probs.append(q)
         tokens.append(prev)
-        probs.append(q)
     return DraftBlock(
         tokens=torch.stack(tokens, dim=1),
-        probs=torch.stack(probs, dim=1),
+        probs=torch.stack(probs, dim=1) if probs else None,
         confidence_logits=torch.stack(confidence, dim=1) if confidence else None,
     )
 

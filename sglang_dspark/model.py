@@ -96,18 +96,21 @@ class DSparkDraftModel(DFlashDraftModel):
         inv_temperature: torch.Tensor,
         greedy: torch.Tensor,
         uniforms: torch.Tensor,
+        all_greedy: bool = False,
     ) -> DraftBlock:
         """Draft tokens from the backbone output.
 
         hidden_states ``[bs * gamma, d]`` (this model's ``forward`` output), lm_head_weight ``[V, d]`` (the
         target's, vocab rows only), anchor int64 ``[bs]``, ``1/T`` ``[bs]``, greedy bool ``[bs]``, uniforms
-        ``[bs, gamma]`` -> ``DraftBlock`` (tokens ``[bs, gamma]``, q ``[bs, gamma, V]``, confidence logits).
+        ``[bs, gamma]`` -> ``DraftBlock`` (tokens ``[bs, gamma]``, q ``[bs, gamma, V]`` unless ``all_greedy``,
+        confidence logits).
         """
         bs, gamma = uniforms.shape
         hidden = hidden_states.view(bs, gamma, -1)
         base_logits = F.linear(hidden, lm_head_weight)  # model dtype; the sampler takes one position at a time to fp32
         return sample_draft_block(
-            base_logits, hidden, anchor, self.markov_head, self.confidence_head, inv_temperature, greedy, uniforms
+            base_logits, hidden, anchor, self.markov_head, self.confidence_head, inv_temperature, greedy, uniforms,
+            all_greedy,
         )
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

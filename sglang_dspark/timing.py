@@ -5,14 +5,13 @@ decode step, synchronise at the end of the step (so the timed server is slower t
 its steps do not overlap the scheduler's work), and log the mean per phase every ``N`` steps of one batch
 size::
 
-    DSPARK step timing bs=1 steps=200: prepare 0.071 draft 0.912 (markov+confidence 0.301) verify 5.301
-    accept 0.052 kv_inject 0.031 gpu 6.367 step 6.702 host_gap 0.335 ms
+    DSPARK step timing bs=1 steps=200: prepare 0.071 draft 0.612 markov 0.301 verify 5.301 accept 0.052
+    kv_inject 0.031 gpu 6.367 step 6.702 host_gap 0.335 ms
 
 A phase's time runs from the previous boundary event to its own on the GPU timeline, so it includes any
 wait for the host to launch the phase's work. ``step`` is the host wall time from one step's start to the
-next's (the scheduler's work between steps included); ``host_gap = step - gpu``. The Markov/confidence
-part of the draft graph is timed separately, by replaying a CUDA graph of the sampler alone at the same
-batch size once per logging interval (it is part of ``draft``, not added to it).
+next's (the scheduler's work between steps included); ``host_gap = step - gpu``. ``draft`` is the
+draft backbone (its CUDA graph), ``markov`` the Markov sampling and confidence head (their own graph).
 """
 
 from __future__ import annotations
@@ -20,14 +19,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 
 logger = logging.getLogger("sglang_dspark")
 
 STEP_TIMING_ENV = "SGLANG_DSPARK_STEP_TIMING"
-PHASES = ("prepare", "draft", "verify", "accept", "kv_inject")
+PHASES = ("prepare", "draft", "markov", "verify", "accept", "kv_inject")
 
 
 class NoTimer:
@@ -44,24 +43,18 @@ class NoTimer:
 
 
 class StepTimer(NoTimer):
-    """Accumulates phase times per batch size and logs their means every ``every`` steps of one size.
+    """Accumulates phase times per batch size and logs their means every ``every`` steps of one size."""
 
-    ``sampler_ms(bs)``: GPU milliseconds of one Markov/confidence pass at batch size ``bs``.
-    """
-
-    def __init__(self, every: int, sampler_ms: Callable[[int], float] | None = None) -> None:
+    def __init__(self, every: int) -> None:
         self.every = every
         self._events: list[tuple[str, torch.cuda.Event]] = []
         self._sums: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self._counts: dict[int, int] = defaultdict(int)
         self._last_start: float | None = None
         self._last_bs: int | None = None
-        self._sampler_ms = sampler_ms
 
     @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str], sampler_ms: Callable[[int], float] | None = None
-    ) -> "StepTimer | NoTimer":
+    def from_env(cls, environ: Mapping[str, str]) -> "StepTimer | NoTimer":
         """A ``StepTimer`` when ``SGLANG_DSPARK_STEP_TIMING`` is a positive step count, else a ``NoTimer``."""
         text = environ.get(STEP_TIMING_ENV, "").strip()
         if not text or text == "0":
@@ -74,7 +67,7 @@ class StepTimer(NoTimer):
             raise ValueError(f"{STEP_TIMING_ENV}: expected a positive step count, found {every}")
         logger.warning("DSPARK step timing is ON (%s=%d): every step synchronises; for benchmarking only.",
                        STEP_TIMING_ENV, every)
-        return cls(every, sampler_ms)
+        return cls(every)
 
     def start(self, bs: int) -> None:
         now = time.perf_counter()
@@ -106,8 +99,6 @@ class StepTimer(NoTimer):
         self._counts[bs] = 0
         mean = {phase: sums[phase] / n for phase in (*PHASES, "gpu")}
         parts = [f"{phase} {mean[phase]:.3f}" for phase in PHASES]
-        if self._sampler_ms is not None:
-            parts[1] += f" (markov+confidence {self._sampler_ms(bs):.3f})"
         if sums["step_n"]:
             step = sums["step"] / sums["step_n"]
             parts.append(f"gpu {mean['gpu']:.3f} step {step:.3f} host_gap {step - mean['gpu']:.3f}")
@@ -120,23 +111,3 @@ class StepTimer(NoTimer):
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         return event
-
-
-def graph_replay_ms(fn: Callable[[], None], repeats: int = 20) -> float:
-    """Capture ``fn`` (static inputs and outputs) in a CUDA graph and return its mean replay time in ms."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # warm-up outside capture (lazy initialisation, autotuning)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # the scheduler may run other threads
-        fn()
-    graph.replay()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    stop.record()
-    stop.synchronize()
-    return start.elapsed_time(stop) / repeats

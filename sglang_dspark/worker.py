@@ -24,6 +24,7 @@ length ``P`` and pending bonus token ``x_0`` per request (no host synchronisatio
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import os
@@ -51,7 +52,7 @@ from sglang_dspark.accept import (
 )
 from sglang_dspark.config import DSparkConfig
 from sglang_dspark.model import DSparkDraftModel
-from sglang_dspark.timing import StepTimer, graph_replay_ms
+from sglang_dspark.timing import StepTimer
 
 logger = logging.getLogger("sglang_dspark")
 
@@ -78,69 +79,99 @@ def _without_dflash_block_size_warning() -> Iterator[None]:
 
 
 class DSparkDraftSampler:
-    """Markov sampling and the confidence head folded into the draft CUDA graph.
+    """Markov sampling and the confidence head in CUDA graphs of their own, replayed right after the draft
+    backbone's graph.
 
-    SGLang's decode graph runner calls ``model_runner.dflash_draft_sampler(hidden_states)`` right after the
-    draft forward while capturing, so every replay also samples. What the loop needs besides the hidden
-    states is staged into static buffers before the replay (``stage``); its outputs land in static buffers
-    read after the replay (``block``). Buffers hold ``max_bs`` rows, the largest captured batch.
+    One graph per (captured batch size, mode): ``greedy`` (an all-greedy batch: tokens and confidence, no
+    draft distribution) and ``sampled`` (``q`` built for every row). The batch's hidden states and inputs
+    are copied into static buffers (rows past ``bs`` of the padded size keep stale values, and their
+    outputs are ignored); outputs land in static buffers read through ``DraftBlock`` views. Batches larger
+    than the largest captured size run eagerly.
     """
 
+    MODES = ("greedy", "sampled")
+
     def __init__(
-        self, model: DSparkDraftModel, lm_head_weight: torch.Tensor, gamma: int, max_bs: int, device: torch.device
+        self, model: DSparkDraftModel, lm_head_weight: torch.Tensor, gamma: int, capture_bs: list[int],
+        device: torch.device,
     ) -> None:
         self.model = model
         self.lm_head_weight = lm_head_weight
         self.gamma = gamma
-        self.max_bs = max_bs
-        vocab = lm_head_weight.shape[0]
+        self.capture_bs = sorted(set(capture_bs))
+        self.max_bs = self.capture_bs[-1]
+        vocab, d = lm_head_weight.shape
+        rows = self.max_bs
         # Inputs: valid values from the start, since capture runs the loop on whatever is staged.
-        self.anchor = torch.zeros((max_bs,), dtype=torch.int64, device=device)
-        self.inv_temperature = torch.ones((max_bs,), dtype=torch.float32, device=device)
-        self.greedy = torch.ones((max_bs,), dtype=torch.bool, device=device)
-        self.uniforms = torch.full((max_bs, gamma), 0.5, dtype=torch.float32, device=device)
+        self.hidden = torch.zeros((rows * gamma, d), dtype=lm_head_weight.dtype, device=device)
+        self.anchor = torch.zeros((rows,), dtype=torch.int64, device=device)
+        self.inv_temperature = torch.ones((rows,), dtype=torch.float32, device=device)
+        self.greedy = torch.ones((rows,), dtype=torch.bool, device=device)
+        self.uniforms = torch.full((rows, gamma), 0.5, dtype=torch.float32, device=device)
         # Outputs.
-        self.tokens = torch.zeros((max_bs, gamma), dtype=torch.int64, device=device)
-        self.probs = torch.zeros((max_bs, gamma, vocab), dtype=torch.float32, device=device)
+        self.tokens = torch.zeros((rows, gamma), dtype=torch.int64, device=device)
+        self.probs = torch.zeros((rows, gamma, vocab), dtype=torch.float32, device=device)
         self.confidence_logits = (
-            torch.zeros((max_bs, gamma), dtype=torch.float32, device=device)
-            if model.confidence_head is not None
+            torch.zeros((rows, gamma), dtype=torch.float32, device=device) if model.confidence_head is not None
             else None
         )
+        self.graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
 
-    def stage(
-        self, anchor: torch.Tensor, inv_temperature: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor
-    ) -> None:
-        """Copy one batch's inputs (``[bs]``, ``[bs]``, ``[bs]``, ``[bs, gamma]``) into the static buffers."""
+    def _run(self, bs: int, mode: str) -> None:
+        """The loop on the first ``bs`` rows of the static buffers, outputs copied into the static outputs."""
+        block = self.model.draft_block(
+            self.hidden[: bs * self.gamma], self.lm_head_weight, self.anchor[:bs], self.inv_temperature[:bs],
+            self.greedy[:bs], self.uniforms[:bs], all_greedy=mode == "greedy",
+        )
+        self.tokens[:bs].copy_(block.tokens)
+        if block.probs is not None:
+            self.probs[:bs].copy_(block.probs)
+        if self.confidence_logits is not None:
+            self.confidence_logits[:bs].copy_(block.confidence_logits)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        for bs in reversed(self.capture_bs):  # largest first, so the shared pool is sized once
+            for mode in self.MODES:
+                with torch.cuda.stream(stream):
+                    self._run(bs, mode)  # warm-up outside capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    self._run(bs, mode)
+                self.graphs[(bs, mode)] = graph
+        torch.cuda.current_stream().wait_stream(stream)
+
+    def __call__(
+        self, hidden: torch.Tensor, anchor: torch.Tensor, inv_temperature: torch.Tensor, greedy: torch.Tensor,
+        uniforms: torch.Tensor, all_greedy: bool,
+    ) -> DraftBlock:
+        """hidden ``[bs * gamma, d]``, anchor ``[bs]``, ``1/T`` ``[bs]``, greedy ``[bs]``, uniforms
+        ``[bs, gamma]`` -> ``DraftBlock`` (views of the static outputs, valid until the next call)."""
         bs = anchor.shape[0]
+        if bs > self.max_bs:
+            return self.model.draft_block(hidden, self.lm_head_weight, anchor, inv_temperature, greedy, uniforms,
+                                          all_greedy=all_greedy)
+        padded = self.capture_bs[bisect.bisect_left(self.capture_bs, bs)]
+        self.hidden[: bs * self.gamma].copy_(hidden)
         self.anchor[:bs].copy_(anchor)
         self.inv_temperature[:bs].copy_(inv_temperature)
         self.greedy[:bs].copy_(greedy)
         self.uniforms[:bs].copy_(uniforms)
-
-    def __call__(self, hidden_states: torch.Tensor) -> None:
-        """hidden_states ``[bs * gamma, d]`` of the (padded) captured batch."""
-        bs = hidden_states.shape[0] // self.gamma
-        block = self.model.draft_block(
-            hidden_states, self.lm_head_weight, self.anchor[:bs], self.inv_temperature[:bs],
-            self.greedy[:bs], self.uniforms[:bs],
-        )
-        self.tokens[:bs].copy_(block.tokens)
-        self.probs[:bs].copy_(block.probs)
-        if self.confidence_logits is not None:
-            self.confidence_logits[:bs].copy_(block.confidence_logits)
-
-    def block(self, bs: int) -> DraftBlock:
-        """The first ``bs`` rows of the last replay's outputs."""
+        self.graphs[(padded, "greedy" if all_greedy else "sampled")].replay()
         return DraftBlock(
             tokens=self.tokens[:bs],
-            probs=self.probs[:bs],
+            probs=None if all_greedy else self.probs[:bs],
             confidence_logits=None if self.confidence_logits is None else self.confidence_logits[:bs],
         )
 
 
 class DSparkWorker(DFlashWorkerV2):
     """DSPARK speculative decoding (spec-v2, overlap and synchronous scheduling)."""
+
+    _sampler: Optional[DSparkDraftSampler] = None  # set while DFLASH captures its graphs (in __init__)
 
     def __init__(
         self,
@@ -181,8 +212,7 @@ class DSparkWorker(DFlashWorkerV2):
             capture_hidden_mode=CaptureHiddenMode.NULL,
         )
         self._simulation = SimulatedAcceptance.from_env(os.environ, self.gamma, self.device)
-        self._timer = StepTimer.from_env(os.environ, sampler_ms=self._sampler_ms)
-        self._sampler_ms_cache: dict[int, float] = {}
+        self._timer = StepTimer.from_env(os.environ)
         config = self._dspark_config()
         logger.info(
             "DSPARK worker: gamma=%d (draft width %d, verify width %d), %s draft %s, markov %s r=%d, "
@@ -214,11 +244,19 @@ class DSparkWorker(DFlashWorkerV2):
             )
         return mask_id
 
-    def _maybe_build_draft_sampler(self) -> DSparkDraftSampler:
-        """Called by ``DFlashWorkerV2.init_cuda_graphs`` before the draft graph is captured."""
-        max_bs = min(max(self.server_args.cuda_graph_config.decode.bs), self.draft_model_runner.req_to_token_pool.size)
-        logger.info("DSPARK: Markov sampling and confidence head folded into the draft CUDA graph (max bs %d).", max_bs)
-        return DSparkDraftSampler(self.draft_model, self._lm_head_weight, self.gamma, max_bs, self.device)
+    def _maybe_build_draft_sampler(self) -> None:
+        """Called by ``DFlashWorkerV2.init_cuda_graphs`` before the draft graph is captured: captures the
+        Markov/confidence graphs (``DSparkDraftSampler``) and returns None, so the draft graph itself ends
+        with the backbone's hidden states."""
+        limit = self.draft_model_runner.req_to_token_pool.size
+        capture_bs = [bs for bs in self.server_args.cuda_graph_config.decode.bs if bs <= limit]
+        if capture_bs:
+            sampler = DSparkDraftSampler(self.draft_model, self._lm_head_weight, self.gamma, capture_bs, self.device)
+            sampler.capture()
+            self._sampler = sampler
+            logger.info("DSPARK: Markov sampling and confidence head in CUDA graphs for batch sizes %s (greedy and "
+                        "sampled).", capture_bs)
+        return None
 
     def _target_lm_head_weight(self) -> torch.Tensor:
         """The target's lm_head rows of the real vocabulary: ``[V, d]``."""
@@ -270,9 +308,11 @@ class DSparkWorker(DFlashWorkerV2):
 
         ids, positions, cache_loc = self._verify_window(batch, draft_input.bonus_tokens)
         timer.mark("prepare")
-        block = self._draft(batch, draft_input, ids, positions, cache_loc, inv_temperature, greedy, draws[:, :gamma])
-        ids[:, 1:].copy_(block.tokens)
+        hidden = self._draft_backbone(batch, draft_input, ids, positions, cache_loc)
         timer.mark("draft")
+        block = self._draft_tokens(hidden, ids[:, 0], inv_temperature, greedy, draws[:, :gamma], sampling is None)
+        ids[:, 1:].copy_(block.tokens)
+        timer.mark("markov")
         logits_output, can_run_cuda_graph = self._verify(batch, draft_input, ids, positions, cache_loc)
         timer.mark("verify")
 
@@ -371,21 +411,18 @@ class DSparkWorker(DFlashWorkerV2):
             return draft_input.reserved_seq_lens_cpu, int(draft_input.reserved_seq_lens_sum)
         raise RuntimeError("DSPARK decode needs host sequence lengths (batch.seq_lens_cpu or the reserved lengths).")
 
-    def _draft(
+    def _draft_backbone(
         self,
         batch: ScheduleBatch,
         draft_input: DFlashDraftInputV2,
         ids: torch.Tensor,
         positions: torch.Tensor,
         cache_loc: torch.Tensor,
-        inv_temperature: torch.Tensor,
-        greedy: torch.Tensor,
-        uniforms: torch.Tensor,
-    ) -> DraftBlock:
-        """One draft forward over the first gamma window slots, then the Markov sampling loop."""
+    ) -> torch.Tensor:
+        """One draft forward over the first gamma window slots (the draft CUDA graph when it can run) ->
+        final-normed hidden states ``[bs * gamma, d]``."""
         bs, gamma = ids.shape[0], self.gamma
         block_ids = ids[:, :gamma].contiguous()
-        anchor = block_ids[:, 0]
         embed = self.target_worker.model_runner.model.get_input_embeddings()
         seq_lens_cpu, seq_lens_sum = self._host_seq_lens(batch, draft_input, gamma)
         forward_batch = ForwardBatch(
@@ -403,29 +440,29 @@ class DSparkWorker(DFlashWorkerV2):
             spec_info=self._draft_spec_info,
             capture_hidden_mode=CaptureHiddenMode.NULL,
         )
-        sampler = self._draft_sampler
-        if sampler is not None and bs <= sampler.max_bs:
-            sampler.stage(anchor, inv_temperature, greedy, uniforms)
         with torch.inference_mode():
-            out = self.draft_model_runner.forward(forward_batch)
-            if sampler is not None and out.can_run_graph:
-                return sampler.block(bs)
-            hidden = out.logits_output.hidden_states
-            if hidden is None:
-                raise RuntimeError("DSPARK draft model returned no hidden states.")
-            return self.draft_model.draft_block(hidden, self._lm_head_weight, anchor, inv_temperature, greedy, uniforms)
+            hidden = self.draft_model_runner.forward(forward_batch).logits_output.hidden_states
+        if hidden is None:
+            raise RuntimeError("DSPARK draft model returned no hidden states.")
+        return hidden
 
-    def _sampler_ms(self, bs: int) -> float:
-        """GPU ms of the Markov/confidence pass alone at batch size ``bs`` (step timing only; cached)."""
-        sampler = self._draft_sampler
-        if sampler is None or bs > sampler.max_bs:
-            return float("nan")
-        if bs not in self._sampler_ms_cache:
-            d = self._lm_head_weight.shape[1]
-            hidden = torch.zeros((bs * self.gamma, d), dtype=self._lm_head_weight.dtype, device=self.device)
-            with torch.inference_mode():
-                self._sampler_ms_cache[bs] = graph_replay_ms(lambda: sampler(hidden))
-        return self._sampler_ms_cache[bs]
+    def _draft_tokens(
+        self,
+        hidden: torch.Tensor,
+        anchor: torch.Tensor,
+        inv_temperature: torch.Tensor,
+        greedy: torch.Tensor,
+        uniforms: torch.Tensor,
+        all_greedy: bool,
+    ) -> DraftBlock:
+        """The Markov sampling loop and the confidence head over the backbone output (their CUDA graph when
+        one was captured)."""
+        with torch.inference_mode():
+            if self._sampler is not None:
+                return self._sampler(hidden, anchor, inv_temperature, greedy, uniforms, all_greedy)
+            return self.draft_model.draft_block(
+                hidden, self._lm_head_weight, anchor, inv_temperature, greedy, uniforms, all_greedy=all_greedy
+            )
 
     def _verify(
         self,

@@ -103,6 +103,11 @@ def test_sample_draft_block_matches_reference_propose(tiny_target, tiny_drafter,
     assert torch.equal(mine.tokens, ref.tokens)
     torch.testing.assert_close(mine.confidence_logits, ref.confidence_logits)
     assert len(set(mine.tokens.flatten().tolist())) > 1  # a degenerate (constant) draft would prove little
+    # The all-greedy mode (no draft distribution built) drafts the same tokens and confidences.
+    fast = sample_draft_block(base, hidden, anchor, drafter.markov_head, drafter.confidence_head, None, None, None,
+                              all_greedy=True)
+    assert fast.probs is None and torch.equal(fast.tokens, ref.tokens)
+    torch.testing.assert_close(fast.confidence_logits, ref.confidence_logits)
 
     # Sampled rows: q_1 depends only on the anchor, so it must match the reference's exactly.
     t = 0.7

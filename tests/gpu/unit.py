@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import Report  # noqa: E402
 
-from sglang_dspark import accept  # noqa: E402
+from sglang_dspark import accept, timing  # noqa: E402
 from sglang_dspark.checkpoint import (  # noqa: E402
     DSparkCheckpointError,
     load_safetensors,
@@ -162,22 +162,21 @@ def check_worker_step(report: Report) -> None:
         positions_out.copy_(prefix_lens[:, None] + torch.arange(width))
         cache_loc_out.copy_(req_to_token[req_pool_indices[:, None], positions_out])
 
-    def draft_block(hidden, lm_head_weight, anchor, inv_temperature, greedy, uniforms):
+    def draft_block(hidden, lm_head_weight, anchor, inv_temperature, greedy, uniforms, all_greedy=False):
         assert hidden.shape == (anchor.shape[0] * gamma, d), hidden.shape
         tokens, prev = [], anchor
         for _ in range(gamma):
             prev = g[prev]
             tokens.append(prev)
         tokens = torch.stack(tokens, 1)
-        return accept.DraftBlock(tokens, torch.nn.functional.one_hot(tokens, vocab).float(), None)
+        return accept.DraftBlock(tokens, None if all_greedy else torch.nn.functional.one_hot(tokens, vocab).float(), None)
 
     seen = {}
 
     def draft_forward(forward_batch):
         seen["draft"] = forward_batch
         hidden = torch.randn(forward_batch.batch_size * gamma, d)
-        return types.SimpleNamespace(can_run_graph=seen.get("graph", False),
-                                     logits_output=types.SimpleNamespace(hidden_states=hidden))
+        return types.SimpleNamespace(logits_output=types.SimpleNamespace(hidden_states=hidden))
 
     def target_forward(batch=None, forward_batch=None, is_verify=False, skip_attn_backend_init=False):
         ids = forward_batch.draft_token
@@ -186,14 +185,10 @@ def check_worker_step(report: Report) -> None:
         return types.SimpleNamespace(can_run_cuda_graph=False, logits_output=LogitsProcessorOutput(
             next_token_logits=logits, hidden_states=torch.randn(ids.shape[0], features)))
 
-    class Sampler:  # the folded sampler's interface: stage before the replay, read after
-        max_bs = 8
-
-        def stage(self, anchor, inv_temperature, greedy, uniforms):
-            self.anchor, self.greedy = anchor.clone(), greedy.clone()
-
-        def block(self, bs):
-            return draft_block(torch.zeros(bs * gamma, d), None, self.anchor, None, None, None)
+    class Sampler:  # DSparkDraftSampler's interface (its CUDA graphs replaced by draft_block)
+        def __call__(self, hidden, anchor, inv_temperature, greedy, uniforms, all_greedy):
+            self.anchor, self.greedy, self.all_greedy = anchor.clone(), greedy.clone(), all_greedy
+            return draft_block(hidden, None, anchor, inv_temperature, greedy, uniforms, all_greedy)
 
     class SamplingInfo(types.SimpleNamespace):
         def __len__(self):
@@ -203,7 +198,8 @@ def check_worker_step(report: Report) -> None:
     worker = object.__new__(worker_module.DSparkWorker)
     worker.__dict__.update(
         gamma=gamma, verify_width=gamma + 1, device=torch.device("cpu"), _mask_token_id=vocab - 1,
-        _lm_head_weight=torch.randn(vocab, d), _draft_spec_info=None, _simulation=None, _draft_sampler=None,
+        _lm_head_weight=torch.randn(vocab, d), _draft_spec_info=None, _simulation=None, _sampler=None,
+        _timer=timing.NoTimer(),
         draft_model=types.SimpleNamespace(draft_block=draft_block),
         model_runner=types.SimpleNamespace(req_to_token_pool=types.SimpleNamespace(req_to_token=req_to_token)),
         draft_model_runner=types.SimpleNamespace(forward=draft_forward, spec_algorithm=None),
@@ -262,14 +258,13 @@ def check_worker_step(report: Report) -> None:
             report.check(f"worker step ({name}): window, draft batch, accept, layout, publish, K/V commit", ok,
                          None if ok else {"accept_lens": result.accept_lens.tolist(), "want": want, "out": out.tolist()})
         worker._simulation = accept.SimulatedAcceptance(gamma, "cpu", mean_length=2.0)
-        worker._draft_sampler = Sampler()
-        seen["graph"] = True
+        worker._sampler = Sampler()
         result = worker._decode(batch(bonus, prefix, [True, False, True]), None)
         out = result.next_token_ids.view(3, gamma + 1)
         ok = (result.accept_lens.tolist() == [2, 2, 2]
               and all(out[i, :2].tolist() == [int(g[b]), int(f[g[b]])] for i, b in enumerate(bonus))
-              and worker._draft_sampler.anchor.tolist() == bonus
-              and worker._draft_sampler.greedy.tolist() == [True, False, True])
+              and worker._sampler.anchor.tolist() == bonus and not worker._sampler.all_greedy
+              and worker._sampler.greedy.tolist() == [True, False, True])
         report.check("worker step (simulated ACC_LEN=2, graph path): one draft + the target's token", ok,
                      None if ok else out.tolist())
 
