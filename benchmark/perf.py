@@ -135,7 +135,7 @@ def main() -> int:
         for name, env, server in wave:
             entry = results["settings"].setdefault(name, {"env": env, "points": []})
             try:
-                server.start_timeout = max(30.0, deadline - time.time() - 30)
+                server.start_timeout = (time.time() - server.started_at) + max(30.0, deadline - time.time() - 30)
                 server.wait_ready()
                 entry["server"] = server.describe()
                 server.deadline = deadline - 15
