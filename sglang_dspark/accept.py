@@ -146,6 +146,8 @@ class TargetSampling:
     max_top_k: int  # host int >= the top_k of every row that needs one (<= 0 or >= V: no bound)
     apply_top_k: bool  # some row needs top-k (rows whose result is unused, e.g. greedy ones, may be left out)
     apply_top_p: bool  # some row needs top-p (same)
+    min_p: torch.Tensor | None = None  # float [bs]; 0 keeps every token
+    apply_min_p: bool = False  # some row needs min-p (same)
 
     def repeat(self, n: int) -> "TargetSampling":
         """The same parameters for ``n`` consecutive rows per request (``[bs]`` -> ``[bs * n]``)."""
@@ -156,20 +158,24 @@ class TargetSampling:
             max_top_k=self.max_top_k,
             apply_top_k=self.apply_top_k,
             apply_top_p=self.apply_top_p,
+            min_p=None if self.min_p is None else self.min_p.reshape(-1).repeat_interleave(n),
+            apply_min_p=self.apply_min_p,
         )
 
 
 def target_probs(logits: torch.Tensor, sampling: TargetSampling) -> torch.Tensor:
-    """``softmax(logits / T)`` -> top-k renorm -> top-p renorm: logits ``[N, V]`` -> float32 ``[N, V]``.
+    """``softmax(logits / T)`` -> top-k renorm -> top-p renorm -> min-p renorm: logits ``[N, V]`` -> float32
+    ``[N, V]`` (SGLang's sampler order).
 
     Top-k keeps the ``top_k[n]`` most likely tokens; top-p then keeps the smallest prefix of the sorted
-    renormalised row whose mass reaches ``top_p[n]`` (at least one token). Only the ``max_top_k`` largest
-    entries of a row are sorted when top-k bounds every row.
+    renormalised row whose mass reaches ``top_p[n]`` (at least one token); min-p then keeps the tokens whose
+    probability is at least ``min_p[n]`` times the largest. Only the ``max_top_k`` largest entries of a row
+    are sorted when top-k bounds every row.
     """
     vocab = logits.shape[-1]
     temperature = sampling.temperature.reshape(-1, 1).float()
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if not sampling.apply_top_k and not sampling.apply_top_p:
+    if not sampling.apply_top_k and not sampling.apply_top_p and not sampling.apply_min_p:
         return probs
     bounded = sampling.apply_top_k and 0 < sampling.max_top_k < vocab
     values, order = probs.topk(sampling.max_top_k if bounded else vocab, dim=-1)  # sorted, descending
@@ -184,6 +190,9 @@ def target_probs(logits: torch.Tensor, sampling: TargetSampling) -> torch.Tensor
         keep = mass_before < sampling.top_p.reshape(-1, 1).float()
         keep[:, 0] = True
         values = values * keep
+        values = values / values.sum(dim=-1, keepdim=True)
+    if sampling.apply_min_p:
+        values = values * (values >= values[:, :1] * sampling.min_p.reshape(-1, 1).float())
         values = values / values.sum(dim=-1, keepdim=True)
     return torch.zeros_like(probs).scatter_(-1, order, values)
 

@@ -379,6 +379,8 @@ class DSparkWorker(DFlashWorkerV2):
             max_top_k=max((p.top_k for p in sampled), default=0),
             apply_top_k=any(p.top_k < vocab for p in sampled),
             apply_top_p=any(p.top_p < 1.0 for p in sampled),
+            min_p=info.min_ps,
+            apply_min_p=any(p.min_p > 0.0 for p in sampled),
         )
         return info.top_ks <= 1, 1.0 / temperature, sampling
 

@@ -147,6 +147,20 @@ def test_target_probs_matches_reference(temperature, top_k, top_p):
     torch.testing.assert_close(mine, ref)
 
 
+def test_target_probs_min_p_follows_sglang_order():
+    """min-p after top-k/top-p: keep p >= min_p * max p of what is left, renormalise (SGLang's sampler)."""
+    logits = torch.randn(6, 30, generator=torch.Generator().manual_seed(7)) * 2
+    min_p = torch.tensor([0.0, 0.05, 0.2, 0.5, 0.9, 1.0])
+    base = _sampling([0.8] * 6, [10] * 6, [0.9] * 6)
+    got = target_probs(logits, TargetSampling(**{**base.__dict__, "min_p": min_p, "apply_min_p": True}))
+    before = target_probs(logits, base)
+    want = before * (before >= before.max(dim=-1, keepdim=True).values * min_p[:, None])
+    want = want / want.sum(dim=-1, keepdim=True)
+    torch.testing.assert_close(got, want)
+    assert torch.equal(got[0], before[0]) and int((got[-1] > 0).sum()) == 1  # min_p 0: no-op; 1: the top token
+    assert bool(((got > 0).sum(-1) <= (before > 0).sum(-1)).all())
+
+
 # ---- acceptance ------------------------------------------------------------------------------------------
 
 

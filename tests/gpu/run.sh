@@ -4,7 +4,12 @@
 # WHICH: setup (patch SGLang and install the plugin, nothing else), smoke (default: unit checks, then the no-spec server and DSPARK with the perfect and half bigram
 #        drafts), more (simulated acceptance, gated head, no CUDA graphs), unit,
 #        issue4 (tests/gpu/issue4.py: the tiny pair vs no-spec and the reference loop, the TorchSpec layout,
-#        Qwen3-8B shape with dummy weights; within ISSUE4_BUDGET_S, default 500 s from this script's start).
+#        Qwen3-8B shape with dummy weights; within ISSUE4_BUDGET_S, default 500 s from this script's start),
+#        serving (tests/gpu/serving.py: DSPARK through the OpenAI API, request edge cases, aborts, prefix cache,
+#        chunked prefill and a saturation phase on the tiny pair; within SERVING_BUDGET_S, default 500 s from this
+#        script's start; SERVING_SATURATION_S (120), SERVING_DETERMINISTIC=1 adds
+#        --enable-deterministic-inference and strict token identity; server logs in $SERVING_LOG_DIR
+#        (/tmp/serving-logs), packed into $OUT/serving-logs.tar.gz).
 #        Each fits in one 10-minute device command.
 # Writes $OUT/<test>.json (command, git commit, date, device, checks, raw numbers), $OUT/logs/*.log and
 # $OUT/run.json; exits non-zero when a check fails. issue4 keeps its logs in $ISSUE4_LOG_DIR
@@ -45,7 +50,8 @@ case "$WHICH" in
   smoke) run unit python3 tests/gpu/unit.py; run smoke python3 tests/gpu/smoke.py smoke ;;
   more) run more python3 tests/gpu/smoke.py more ;;
   issue4) run issue4 python3 tests/gpu/issue4.py ;;
-  *) log "unknown WHICH=$WHICH (smoke|more|unit|issue4)"; exit 2 ;;
+  serving) export SERVING_T0=${SERVING_T0:-$ISSUE4_T0}; run serving python3 tests/gpu/serving.py ;;
+  *) log "unknown WHICH=$WHICH (setup|smoke|more|unit|issue4|serving)"; exit 2 ;;
 esac
 
 status=0

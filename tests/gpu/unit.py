@@ -212,7 +212,7 @@ def check_worker_step(report: Report) -> None:
     def batch(bonus: list[int], prefix: list[int], greedy: list[bool]):
         bs = len(bonus)
         top_k = torch.tensor([1 if gr else 5 for gr in greedy])
-        info = SamplingInfo(is_all_greedy=all(greedy), temperatures=torch.ones(bs, 1), top_ks=top_k, top_ps=torch.ones(bs),
+        info = SamplingInfo(is_all_greedy=all(greedy), temperatures=torch.ones(bs, 1), top_ks=top_k, top_ps=torch.ones(bs), min_ps=torch.zeros(bs),
                             has_custom_logit_processor=False, acc_linear_penalties=None, penalizer_orchestrator=None,
                             vocab_mask=None, logit_bias=None)
         draft_input = DFlashDraftInputV2(topk_p=torch.empty(bs, 0), topk_index=torch.empty(bs, 0, dtype=torch.int64),
@@ -221,7 +221,8 @@ def check_worker_step(report: Report) -> None:
         return types.SimpleNamespace(
             return_logprob=False, spec_info=draft_input, seq_lens=torch.tensor(prefix), seq_lens_cpu=torch.tensor(prefix),
             seq_lens_sum=sum(prefix), req_pool_indices=torch.tensor([2, 0, 3]), sampling_info=info, out_cache_loc=None,
-            reqs=[types.SimpleNamespace(sampling_params=types.SimpleNamespace(top_k=int(k), top_p=1.0)) for k in top_k])
+            reqs=[types.SimpleNamespace(sampling_params=types.SimpleNamespace(top_k=int(k), top_p=1.0, min_p=0.0))
+                  for k in top_k])
 
     by_accepted = {}
     for token in range(vocab):
