@@ -152,6 +152,23 @@ def test_request_validation_names_the_algorithm(dspark_plugin):
     assert validate_dflash_request(req, True).startswith("DFLASH speculative")
 
 
+@pytest.mark.parametrize("field, value", [("frequency_penalty", 0.5), ("presence_penalty", -0.3),
+                                          ("repetition_penalty", 1.2), ("min_new_tokens", 4)])
+def test_dspark_rejects_penalties_per_request(dspark_plugin, field, value):
+    """Penalties and min_new_tokens depend on the tokens before each position; a verify step cannot apply
+    them exactly, so DSPARK refuses such a request (plain requests and DFLASH stay as they were)."""
+    from sglang.srt.sampling.sampling_params import SamplingParams
+    from sglang.srt.speculative.dflash_utils import validate_dflash_request
+
+    def req(**params):
+        return SimpleNamespace(return_logprob=False, return_hidden_states=False, sampling_params=SamplingParams(**params))
+
+    message = validate_dflash_request(req(**{field: value}), True, algo_name=dspark_plugin.name)
+    assert message is not None and "DSPARK" in message and "penalties or min_new_tokens" in message
+    assert validate_dflash_request(req(), True, algo_name=dspark_plugin.name) is None
+    assert validate_dflash_request(req(**{field: value}), True) is None
+
+
 def test_torchspec_draft_config_loads_through_model_config(dspark_plugin, model_dirs):
     from sglang.srt.configs.model_config import ModelConfig
     from sglang_fixtures import draft_config
