@@ -273,20 +273,54 @@ def sse_events(response: requests.Response):
         yield json.loads(data)
 
 
+def load_from_get_load(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``/v1/loads`` core fields from SGLang 0.5.15's ``GET /get_load`` answer (one entry per DP rank; here
+    exactly one): ``num_reqs`` = running + waiting, ``num_waiting_reqs``, ``num_tokens`` = used + pending
+    (``num_total_tokens``), ``num_pending_tokens`` = ``num_tokens`` - used (``http_server.py:730-756``), so
+    ``num_running_reqs = num_reqs - num_waiting_reqs`` and ``num_used_tokens = num_tokens - num_pending_tokens``."""
+    if len(entries) != 1:
+        raise ValueError(f"/get_load: expected one scheduler entry, found {len(entries)}: {str(entries)[:300]}")
+    e = entries[0]
+    missing = [k for k in ("num_reqs", "num_waiting_reqs", "num_tokens", "num_pending_tokens") if k not in e]
+    if missing:
+        raise KeyError(f"/get_load: entry lacks {missing}; found keys {sorted(e)}")
+    return {"num_running_reqs": e["num_reqs"] - e["num_waiting_reqs"], "num_waiting_reqs": e["num_waiting_reqs"],
+            "num_used_tokens": e["num_tokens"] - e["num_pending_tokens"], "num_total_tokens": e["num_tokens"],
+            "source": "/get_load"}
+
+
 def server_load(url: str, timeout: float = 10.0) -> dict[str, Any]:
-    """The load of the (single) scheduler behind ``url``: SGLang 0.5.15's ``GET /v1/loads?include=core`` entry
-    (``num_running_reqs``, ``num_waiting_reqs``, ``num_used_tokens`` = pool tokens held by requests, radix-cache
-    evictable tokens not counted, ``token_usage``, ``max_total_num_tokens``, ...)."""
-    response = requests.get(url + "/v1/loads", params={"include": "core"}, timeout=timeout)
+    """The load of the (single) scheduler behind ``url``: ``num_running_reqs``, ``num_waiting_reqs``,
+    ``num_used_tokens`` (KV pool tokens held by requests: pool size - free - radix-cache evictable, so an idle
+    server with a warm cache reads 0), ``num_total_tokens`` (used + tokens of waiting requests) and ``source``.
+
+    Read from ``GET /get_load``, not ``GET /v1/loads``: with ``--enable-metrics`` every request passes SGLang
+    0.5.15's HTTP metrics middleware, whose ``_get_fastapi_request_path`` (``sglang/srt/utils/common.py:2379-2387``)
+    returns ``route.path`` of the first route that fully matches. ``/v1/loads`` is the only route mounted with
+    ``app.include_router`` (``http_server.py:417``); FastAPI 0.165 keeps an included router as one
+    ``_IncludedRouter`` entry of ``app.routes``, which has no ``.path``, so ``/v1/loads`` answers HTTP 500
+    (AttributeError) whatever the query. ``/get_load`` is a plain ``@app.get`` route (``http_server.py:730``) and
+    reads the same per-scheduler load snapshot (``tokenizer_manager.get_loads(include=["core"])``). The scheduler
+    publishes that snapshot at every prefill, every ``--load-snapshot-publish-interval`` (15) decode steps and
+    whenever it is idle (``Scheduler.on_idle`` -> ``publish_load_snapshot(force=True)``, ``scheduler.py:3568``):
+    exact once idle, up to 15 steps old under load. ``/get_load`` is deprecated upstream; when it answers 404
+    (a later SGLang), ``/v1/loads?include=core`` is used instead (0.5.17 fixed the middleware with ``getattr``)."""
+    response = requests.get(url + "/get_load", timeout=timeout)
+    if response.status_code == 404:
+        response = requests.get(url + "/v1/loads", params={"include": "core"}, timeout=timeout)
+        response.raise_for_status()
+        loads = response.json()["loads"]
+        if len(loads) != 1:
+            raise ValueError(f"{url}/v1/loads: expected one scheduler, found {len(loads)}")
+        return {**{k: loads[0][k] for k in ("num_running_reqs", "num_waiting_reqs", "num_used_tokens",
+                                              "num_total_tokens")}, "token_usage": loads[0].get("token_usage"),
+                "source": "/v1/loads"}
     response.raise_for_status()
-    loads = response.json()["loads"]
-    if len(loads) != 1:
-        raise ValueError(f"{url}/v1/loads: expected one scheduler, found {len(loads)}")
-    return loads[0]
+    return load_from_get_load(response.json())
 
 
 def wait_idle(url: str, timeout: float = 20.0, poll: float = 0.25) -> dict[str, Any]:
-    """Poll ``/v1/loads`` until no request runs or waits and no pool token is held, at most ``timeout`` s.
+    """Poll ``server_load`` until no request runs or waits and no pool token is held, at most ``timeout`` s.
     Returns ``{"idle": bool, "seconds": waited, "load": the last load}``."""
     start = time.time()
     load: dict[str, Any] = {}
