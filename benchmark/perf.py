@@ -22,12 +22,10 @@ when the budget (``--budget``, seconds from the start) leaves room for it; a ski
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
 import sys
-import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,7 +34,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "gpu"))
 
-from harness import OUT, Report, Server  # noqa: E402
+from harness import Report, Server, pack_logs  # noqa: E402
 
 QWEN3_8B = REPO / "tests" / "gpu" / "qwen3_8b"
 CARD_PROFILE = (0.605, 0.341, 0.186, 0.099, 0.052, 0.027, 0.014)  # Qwen3-8B-DSpark card, mean accept 2.324
@@ -159,8 +157,7 @@ def main() -> int:
             report.check(f"{name}: measured at every concurrency within the budget",
                          len(entry["points"]) == len(concurrencies), [p["concurrency"] for p in entry["points"]])
     report.write()
-    with tarfile.open(OUT / f"perf-{args.engine}-logs.tar.gz", "w:gz") as tar:
-        tar.add(LOG_DIR, arcname="logs")
+    pack_logs(LOG_DIR, f"perf-{args.engine}-logs")
     return 0 if report.ok else 1
 
 

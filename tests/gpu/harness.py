@@ -14,6 +14,7 @@ import os
 import platform
 import signal
 import subprocess
+import tarfile
 import sys
 import time
 import traceback
@@ -71,6 +72,40 @@ def environment() -> dict[str, Any]:
     except ImportError:
         info["sglang"] = None
     return info
+
+
+def info(name: str, detail: Any) -> None:
+    """A measured fact that is not a pass/fail check (printed like one)."""
+    print(f"[INFO] {name}: {detail}", flush=True)
+
+
+def pack_logs(log_dir: Path, name: str) -> None:
+    """Pack ``log_dir`` into ``$OUT/<name>.tar.gz`` (replaced atomically; a device run returns few files)."""
+    if not log_dir.is_dir():
+        return
+    OUT.mkdir(parents=True, exist_ok=True)
+    tmp = OUT / f"{name}.tar.gz.tmp"
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(log_dir, arcname=name)
+    os.replace(tmp, OUT / f"{name}.tar.gz")
+
+
+class Clock:
+    """A run's deadline: ``$<t0_env>`` (the script's start, set by run.sh; now when unset) + ``budget_s``."""
+
+    def __init__(self, t0_env: str, budget_s: float) -> None:
+        self.t0 = float(os.environ.get(t0_env) or time.time())
+        self.deadline = self.t0 + budget_s
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def guard(self, seconds: float) -> float:
+        """An absolute deadline ``seconds`` from now, never past the run's."""
+        return min(self.deadline, time.time() + seconds)
+
+    def elapsed(self) -> float:
+        return round(time.time() - self.t0, 1)
 
 
 class Report:

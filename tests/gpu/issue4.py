@@ -38,7 +38,6 @@ import random
 import re
 import subprocess
 import sys
-import tarfile
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +47,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import OUT, REPO, Report, Server, metric_value, mismatches, outputs  # noqa: E402
+from harness import Clock, OUT, info, pack_logs, REPO, Report, Server, metric_value, mismatches, outputs  # noqa: E402
 
 TINY_TARGET = REPO / "tests" / "fixtures" / "tiny-qwen3"
 TINY_DRAFT = REPO / "tests" / "fixtures" / "tiny-qwen3-dspark"
@@ -81,42 +80,12 @@ STOP_S = 20.0  # kept free at the end of a part for stopping its server
 BENCH_TIMEOUT_S = 150.0
 
 
-class Clock:
-    """The run's deadline (``ISSUE4_T0`` + budget) and per-part guards."""
-
-    def __init__(self) -> None:
-        self.t0 = float(os.environ.get("ISSUE4_T0") or time.time())
-        self.deadline = self.t0 + BUDGET_S
-
-    def left(self) -> float:
-        return self.deadline - time.time()
-
-    def guard(self, seconds: float) -> float:
-        """An absolute deadline ``seconds`` from now, never past the run's."""
-        return min(self.deadline, time.time() + seconds)
-
-    def elapsed(self) -> float:
-        return round(time.time() - self.t0, 1)
-
-
 def log(message: str) -> None:
     print(f"[issue4 {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def info(name: str, detail: Any) -> None:
-    """A measured fact that is not a pass/fail check (printed like one)."""
-    print(f"[INFO] {name}: {detail}", flush=True)
-
-
 def save_logs() -> None:
-    """Pack ``LOG_DIR`` into ``$OUT/issue4-logs.tar.gz`` (replaced atomically)."""
-    if not LOG_DIR.is_dir():
-        return
-    OUT.mkdir(parents=True, exist_ok=True)
-    tmp = OUT / "issue4-logs.tar.gz.tmp"
-    with tarfile.open(tmp, "w:gz") as tar:
-        tar.add(LOG_DIR, arcname="issue4-logs")
-    os.replace(tmp, OUT / "issue4-logs.tar.gz")
+    pack_logs(LOG_DIR, "issue4-logs")
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -769,7 +738,7 @@ def big_run(report: Report, clock: Clock) -> None:
 
 
 def main() -> int:
-    clock = Clock()
+    clock = Clock("ISSUE4_T0", BUDGET_S)
     WORK.mkdir(parents=True, exist_ok=True)
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log(f"start at {clock.elapsed()} s of the run, budget {BUDGET_S:.0f} s")

@@ -21,8 +21,8 @@ says so), within ``SERVING_BUDGET_S`` (default 500 s) from ``SERVING_T0`` (run.s
      admitted prompts (and the rejected ones), stop token ids and stop strings at accepted drafts in the middle of
      a verify step (also when max_new_tokens ends in that step), EOS, ignore_eos, n > 1, a batch mixing greedy
      and sampled requests, sampling parameters that keep only the top token (top_p 1e-6, min_p 1, top_k 1:
-     every sampled token a top token of the target), logit_bias, penalties (no crash; identity is
-     informational), logprobs rejected per request, invalid sampling parameters rejected, aborts (client
+     every sampled token a top token of the target), logit_bias, penalties and min_new_tokens rejected per
+     request (patch 0009), logprobs rejected per request, invalid sampling parameters rejected, aborts (client
      disconnect of streams and of plain requests, /abort_request by rid and abort_all); after each fault the
      server is idle with no pool token held (``/get_load``: see ``harness.server_load`` for why not /v1/loads)
      and serves again.
@@ -60,7 +60,6 @@ import random
 import re
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -73,7 +72,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (  # noqa: E402
-    OUT, REPO, Report, Server, first_difference, metric_value, server_load, sse_events, wait_idle,
+    REPO, Clock, info, pack_logs, Report, Server, first_difference, metric_value, server_load, sse_events, wait_idle,
 )
 
 TINY_TARGET = REPO / "tests" / "fixtures" / "tiny-qwen3"
@@ -113,33 +112,8 @@ def log(message: str) -> None:
     print(f"[serving {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def info(name: str, detail: Any) -> None:
-    print(f"[INFO] {name}: {detail}", flush=True)
-
-
-class Clock:
-    """The run's deadline: ``SERVING_T0`` (run.sh's start) + ``SERVING_BUDGET_S``."""
-
-    def __init__(self) -> None:
-        self.t0 = float(os.environ.get("SERVING_T0") or time.time())
-        self.deadline = self.t0 + BUDGET_S
-
-    def left(self) -> float:
-        return self.deadline - time.time()
-
-    def elapsed(self) -> float:
-        return round(time.time() - self.t0, 1)
-
-
 def save_logs() -> None:
-    """Pack ``LOG_DIR`` into ``$OUT/serving-logs.tar.gz`` (replaced atomically)."""
-    if not LOG_DIR.is_dir():
-        return
-    OUT.mkdir(parents=True, exist_ok=True)
-    tmp = OUT / "serving-logs.tar.gz.tmp"
-    with tarfile.open(tmp, "w:gz") as tar:
-        tar.add(LOG_DIR, arcname="serving-logs")
-    os.replace(tmp, OUT / "serving-logs.tar.gz")
+    pack_logs(LOG_DIR, "serving-logs")
 
 
 # ---- pure helpers (unit-tested on the CPU) ---------------------------------------------------------------
@@ -164,7 +138,7 @@ def chunks_exact(chunks: list[tuple[int, int]], verify_ct: int | None) -> bool:
     SGLang 0.5.15 puts ``spec_verify_ct`` into ``meta_info`` only when the request finishes
     (``tokenizer_manager.py:2085-2094``), so a stream cannot be split into steps by that count. But with the
     default ``stream_interval`` 1 the scheduler emits one output per processed batch result
-    (``output_streamer.py:330-341``), i.e. per verify step, so every chunk ends at a commit boundary; chunks
+    (``output_streamer.py:323-345``), i.e. per verify step, so every chunk ends at a commit boundary; chunks
     merge only when the HTTP handler drains several queued outputs at once and answers with the last
     (``tokenizer_manager.py:1474-1492``). The run's ``verify_ct + 1`` commits map one-to-one to its chunks
     exactly when there are that many chunks."""
@@ -281,7 +255,7 @@ def teacher_forced_gaps(meta_info: dict, output: list[int]) -> list[float]:
     ``top_logprobs_num`` >= 1 and ``logprob_start_len = len(prompt) - 1``. SGLang returns one entry per input
     position from ``logprob_start_len`` on, shifted by one: entry 0 is ``(None, prompt[-1], ...)``, entry
     ``j >= 1`` holds the logprob of ``output[j - 1]`` and the top logprobs of the position that predicts it
-    (``logprob_result_processor.py:36`` and ``:63-79``)."""
+    (``logprob_result_processor.py:36-37`` and ``:63-79``)."""
     tokens = meta_info["input_token_logprobs"][1:]
     tops = meta_info["input_top_logprobs"][1:]
     ids = [int(entry[1]) for entry in tokens]
@@ -655,7 +629,7 @@ def part_requests(t: Ctx) -> None:
         ("n > 1", lambda: req_n(t, refs)),
         ("mixed greedy and sampled batch", lambda: req_mixed(t)),
         ("sampling parameters that reduce to greedy", lambda: req_collapse(t, refs)),
-        ("logit_bias and penalties", lambda: req_bias_penalties(t)),
+        ("logit_bias and penalties", lambda: req_bias_penalties(t, refs)),
         ("logprobs rejected", lambda: req_logprobs(t, refs)),
         ("invalid sampling parameters", lambda: req_invalid(t, refs)),
         ("aborts", lambda: req_aborts(t, refs)),
@@ -816,8 +790,8 @@ def req_stop_tokens(t: Ctx, refs: list[dict], base_refs: list[list[int]]) -> Non
 
     # The same stop position with max_new_tokens ending inside the same verify step (k + 1 is in k's step).
     name = ("dspark stop token at an accepted draft and max_new_tokens = its position + 2 in the same verify "
-            "step: the stop token wins like without speculation (SGLang checks the length first: see the "
-            "report if this fails)")
+            "step: the stop token wins like without speculation (patch 0011: stop conditions before the length "
+            "limit)")
     if not mid:
         t.check(name, False, "not exercised: no stop position known to be inside a verify step")
         return
@@ -1015,7 +989,7 @@ def req_collapse(t: Ctx, refs: list[dict]) -> None:
         info("min_p 1.0", "not sent with SERVING_DETERMINISTIC=1 (SGLang's seeded sampler asserts on min_p)")
 
 
-def req_bias_penalties(t: Ctx) -> None:
+def req_bias_penalties(t: Ctx, refs: list[dict]) -> None:
     base, dsp, P = t.apis["base"], t.apis["dspark"], t.prompts
     favoured = t.tokenizer.encode(" return")[0]
     params = greedy(24, logit_bias={str(favoured): 100.0})
@@ -1025,24 +999,30 @@ def req_bias_penalties(t: Ctx) -> None:
     t.results["requests"]["logit_bias"] = {"token": favoured, "dspark": got_d, "base": got_b}
     t.check(f"dspark logit_bias {{{favoured}: +100}} greedy: same output as no-spec (here: the favoured token "
             f"every time: {got_b.count(favoured)}/24)", rec["ok"] and len(got_d) == 24, rec)
+    # Penalties and min_new_tokens depend on the tokens before each position; a verify step would apply the state
+    # at its start to all its positions, so DSPARK rejects them per request (patch 0009, validate_dflash_request),
+    # like return_logprob: HTTP 400 naming DSPARK, while no-spec serves them.
     rows = {}
     for name, extra in {"repetition_penalty 1.3": {"repetition_penalty": 1.3},
                         "frequency_penalty 1.0": {"frequency_penalty": 1.0},
-                        "presence_penalty 1.0, sampled": {"presence_penalty": 1.0, "temperature": 0.8}}.items():
-        params = {**greedy(48), **extra}
-        status, body = dsp.post("/generate", {"input_ids": P[6], "sampling_params": params})
-        row: dict[str, Any] = {"status": status, "tokens": len(body["output_ids"]) if status == 200 else None}
-        if status == 200 and extra.get("temperature") is None:
-            want = ids_of(base.generate({"input_ids": P[6], "sampling_params": params}, cold=True))
-            d = first_difference(ids_of(body), want)
-            row["first_difference_vs_no_spec"] = d  # DFLASH-family verification applies the penalties of the
-            # step's start to all gamma + 1 positions: identity is not expected, only completion
-        rows[name] = row
+                        "presence_penalty 1.0, sampled": {"presence_penalty": 1.0, "temperature": 0.8},
+                        "min_new_tokens 8": {"min_new_tokens": 8}}.items():
+        payload = {"input_ids": P[6], "sampling_params": {**greedy(48), **extra}}
+        status, body = dsp.post("/generate", payload)
+        status_b, _ = base.post("/generate", payload)
+        rows[name] = {"status": status, "base_status": status_b, "message": str(body)[:300]}
+    status, body = dsp.post("/v1/chat/completions", {
+        "model": "default", "messages": [{"role": "user", "content": t.texts[0]}], "max_tokens": 8,
+        "temperature": 0, "frequency_penalty": 1.0})
+    rows["chat frequency_penalty 1.0"] = {"status": status, "base_status": None, "message": str(body)[:300]}
     t.results["requests"]["penalties"] = rows
-    info("penalties: first difference vs no-spec (None = identical; not a check)",
-         {k: v.get("first_difference_vs_no_spec") for k, v in rows.items()})
-    t.check("dspark requests with repetition / frequency / presence penalties: 200 with 48 tokens",
-            all(r["status"] == 200 and r["tokens"] == 48 for r in rows.values()), rows)
+    t.check("dspark requests with repetition / frequency / presence penalties or min_new_tokens (/generate and "
+            "chat): each rejected with 400 and a message naming DSPARK and the parameter (no-spec: 200)",
+            all(r["status"] == 400 and "DSPARK" in r["message"]
+                and ("min_new_tokens" if "min_new_tokens" in name else "penalt") in r["message"]
+                and r["base_status"] in (200, None) for name, r in rows.items()),
+            rows)
+    serves_again(t, refs, "rejected penalty requests")
 
 
 def req_logprobs(t: Ctx, refs: list[dict]) -> None:
@@ -1499,7 +1479,7 @@ def run_part(t: Ctx, name: str, needs: float, fn: Callable[[], None], servers_ne
 
 
 def main() -> int:
-    clock = Clock()
+    clock = Clock("SERVING_T0", BUDGET_S)
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     report = Report("serving")
     report.data["results"]["config"] = {
