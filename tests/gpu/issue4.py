@@ -69,6 +69,11 @@ META_KEYS = ("completion_tokens", "spec_verify_ct", "spec_accept_length", "spec_
 # can flip a near-tie and make two identical servers disagree for reasons unrelated to speculation.
 TINY_ARGS = ["--context-length", "2048", "--mem-fraction-static", "0.2", "--cuda-graph-max-bs-decode", "8",
              "--disable-radix-cache"]
+# ISSUE4_DETERMINISTIC=1: every tiny server with SGLang's --enable-deterministic-inference (batch-invariant
+# matmuls, fixed attention split sizes), to test whether the bf16 near-tie divergences of the verify and
+# decode forwards go away when both compute each row the same way.
+if os.environ.get("ISSUE4_DETERMINISTIC") == "1":
+    TINY_ARGS = [*TINY_ARGS, "--enable-deterministic-inference"]
 PORTS = {"baseline": 32100, "dspark": 32200, "torchspec": 32300, "qwen3-8b": 32400}
 
 BIG_N, BIG_IN, BIG_OUT, BIG_MAX_BS = 64, 512, 512, 48

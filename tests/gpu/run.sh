@@ -4,7 +4,8 @@
 # WHICH: setup (patch SGLang and install the plugin, nothing else), smoke (default: unit checks, then the no-spec server and DSPARK with the perfect and half bigram
 #        drafts), more (simulated acceptance, gated head, no CUDA graphs), unit,
 #        issue4 (tests/gpu/issue4.py: the tiny pair vs no-spec and the reference loop, the TorchSpec layout,
-#        Qwen3-8B shape with dummy weights; within ISSUE4_BUDGET_S, default 500 s from this script's start),
+#        Qwen3-8B shape with dummy weights; within ISSUE4_BUDGET_S, default 500 s from this script's start;
+#        ISSUE4_DETERMINISTIC=1 serves the tiny pair with --enable-deterministic-inference),
 #        serving (tests/gpu/serving.py: DSPARK through the OpenAI API, request edge cases, aborts, prefix cache,
 #        chunked prefill and a saturation phase on the tiny pair; within SERVING_BUDGET_S, default 500 s from this
 #        script's start; SERVING_SATURATION_S (120), SERVING_DETERMINISTIC=1 adds
