@@ -160,3 +160,25 @@ def test_dflash_resolution_is_unchanged(parse):
     with pytest.raises(ValueError, match="--speculative-dflash-block-size are set but they differ"):
         parse("--speculative-dflash-block-size", "4", "--speculative-num-draft-tokens", "5",
               draft=dflash_draft, algorithm="DFLASH")
+
+
+@pytest.mark.parametrize("problem", ["missing", "no config", "bad json"])
+def test_unusable_draft_directory_is_rejected_naming_it(dspark_plugin, model_dirs, tmp_path, problem):
+    """A draft path that does not exist, has no config.json, or an unreadable one fails at launch with
+    a message naming the path (no stack trace from deep inside model loading)."""
+    from sglang.srt.server_args import ServerArgs
+
+    target_dir, _ = model_dirs()
+    draft_dir = tmp_path / "draft"
+    if problem != "missing":
+        draft_dir.mkdir()
+    if problem == "bad json":
+        (draft_dir / "config.json").write_text("{not json")
+    with pytest.raises(ValueError) as info:
+        ServerArgs(model_path=target_dir, device="cuda", skip_tokenizer_init=True, speculative_algorithm="DSPARK",
+                   speculative_draft_model_path=str(draft_dir))
+    message = str(info.value)
+    assert message.startswith(f"--speculative-draft-model-path {draft_dir}: "), message
+    expected = {"missing": "no such directory", "no config": "cannot read the draft's config.json",
+                "bad json": "not a valid JSON file"}[problem]
+    assert expected in message, message
