@@ -12,7 +12,8 @@ length ``P`` and pending bonus token ``x_0`` per request (no host synchronisatio
 2. draft: ONE non-causal forward of the draft over ``[x_0, mask x (gamma-1)]`` at positions
    ``P..P+gamma-1`` (TARGET_VERIFY mode, ``draft_token_num = gamma``, replayed from the draft CUDA graph
    when possible), then the Markov head samples ``x_1..x_gamma`` left to right and the confidence head
-   scores them; both run inside the draft graph (``DSparkDraftSampler``), or eagerly when it cannot run;
+   scores them, replayed from their own CUDA graphs (``DSparkDraftSampler``: an all-greedy variant that
+   builds no draft distribution, and a sampled one), or eagerly above the largest captured batch;
 3. verify: the target's TARGET_VERIFY forward over ``[x_0, x_1..x_gamma]`` (its own CUDA graph, width
    gamma + 1) with the aux hidden states of the draft's target layers captured;
 4. accept: greedy matching for ``top_k <= 1`` requests, exact rejection sampling for the others, in one
