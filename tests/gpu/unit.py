@@ -328,7 +328,8 @@ def check_graph_safety(report: Report, kind: str) -> None:
         draft(*static)
         sampling = accept.TargetSampling(
             temperature=torch.rand(bs, device=device) + 0.5, top_k=torch.randint(1, 50, (bs,), device=device),
-            top_p=torch.rand(bs, device=device) * 0.5 + 0.5, max_top_k=50, apply_top_k=True, apply_top_p=True)
+            top_p=torch.rand(bs, device=device) * 0.5 + 0.5, max_top_k=50, apply_top_k=True, apply_top_p=True,
+            min_p=torch.rand(bs, device=device) * 0.2, apply_min_p=True)
         _accept(torch.randint(0, vocab, (bs, gamma), device=device), torch.randn(bs, gamma + 1, vocab, device=device),
                 torch.softmax(torch.randn(bs, gamma, vocab, device=device), -1), torch.rand(bs, device=device) < 0.5,
                 torch.rand(bs, 2 * gamma + 1, device=device), torch.randint(0, 1000, (bs,), device=device), sampling)
@@ -345,6 +346,19 @@ def check_graph_safety(report: Report, kind: str) -> None:
     eager = draft(*fresh)
     same = torch.equal(outputs[0], eager[0]) and torch.allclose(outputs[1], eager[1]) and torch.allclose(outputs[2], eager[2])
     report.check(f"graph ({kind}): draft sampler replayed == eager on new inputs", same)
+
+    def draft_greedy(base, hidden, anchor, inv_t, greedy, u):  # the all-greedy graph variant
+        block = accept.sample_draft_block(base, hidden, anchor, markov, confidence, inv_t, greedy, u, all_greedy=True)
+        return block.tokens, block.confidence_logits
+
+    static = draft_inputs(4)
+    graph, outputs = _capture(draft_greedy, *static)
+    fresh = draft_inputs(5)
+    _refill(static, fresh)
+    graph.replay()
+    all_greedy_rows = draft(*fresh[:4], torch.ones(bs, dtype=torch.bool, device=device), fresh[5])
+    same = torch.equal(outputs[0], all_greedy_rows[0]) and torch.allclose(outputs[1], all_greedy_rows[2])
+    report.check(f"graph ({kind}): all-greedy draft variant replayed == the general sampler on greedy rows", same)
 
     def accept_inputs(seed: int):
         g = torch.Generator(device=device).manual_seed(seed)
