@@ -11,7 +11,8 @@ One run measures one engine: its own no-speculation server and its DSPARK at sim
 (started together, measured one after the other). Load: random 512-id prompts, 512 new tokens, greedy,
 ``ignore_eos``, ``2 x concurrency`` requests (3 at concurrency 1) after a warm-up; output tok/s = all
 completion tokens / wall time. ``--breakdown`` (ours) adds a server with ``SGLANG_DSPARK_STEP_TIMING``
-at concurrency 1 and records its per-phase step times (``sglang_dspark.timing``).
+and records its per-phase step times per batch size (``sglang_dspark.timing``; its throughput is not a
+result, every timed step synchronises).
 
 Writes ``$OUT/perf-<engine>.json``: command, commit, date, device, server flags, and per setting and
 concurrency the throughput, the speedup over this run's no-speculation server and the measured accept
@@ -138,7 +139,7 @@ def main() -> int:
                 entry["server"] = server.describe()
                 server.deadline = deadline - 15
                 server.generate(prompts(1, 99)[0], {"temperature": 0.0, "max_new_tokens": 64, "ignore_eos": True})
-                for c in (concurrencies if name != "breakdown" else [c for c in concurrencies if c in (1, 32)]):
+                for c in concurrencies:
                     if time.time() + (40 if c <= 8 else 30) > deadline - 15:
                         results["skipped"].append(f"{name} c{c}: budget")
                         continue
