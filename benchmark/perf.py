@@ -105,7 +105,7 @@ def main() -> int:
     parser.add_argument("--engine", choices=("ours", "sglang-0.5.17"), required=True)
     parser.add_argument("--concurrency", default="1,32,8,64", help="comma-separated, measured in this order")
     parser.add_argument("--only", default="", help="comma-separated setting names to run (default: all)")
-    parser.add_argument("--breakdown", action="store_true", help="ours: add the step-timing server (c1)")
+    parser.add_argument("--breakdown", action="store_true", help="ours: add the step-timing server (per-phase times per batch size)")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds from start for the whole run")
     parser.add_argument("--wave", type=int, default=3, help="servers started together")
     args = parser.parse_args()
