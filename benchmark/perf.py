@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import re
 import sys
 import time
@@ -35,7 +34,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "gpu"))
 
-from harness import Report, Server, pack_logs  # noqa: E402
+from harness import Report, Server, pack_logs, random_prompts  # noqa: E402
 
 QWEN3_8B = REPO / "tests" / "gpu" / "qwen3_8b"
 CARD_PROFILE = (0.605, 0.341, 0.186, 0.099, 0.052, 0.027, 0.014)  # Qwen3-8B-DSpark card, mean accept 2.324
@@ -70,8 +69,7 @@ def settings(engine: str, breakdown: bool) -> list[tuple[str, dict[str, str]]]:
 
 
 def prompts(n: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(100, 150000) for _ in range(PROMPT_LEN)] for _ in range(n)]
+    return random_prompts(n, PROMPT_LEN, 150000, seed, low=100)
 
 
 def measure(server: Server, concurrency: int, seed: int) -> dict[str, Any]:
@@ -164,7 +162,7 @@ def main() -> int:
 
 def _speedups(results: dict[str, Any]) -> None:
     base = {p["concurrency"]: p["output_tok_s"] for p in results["settings"].get("baseline", {}).get("points", [])}
-    for name, entry in results["settings"].items():
+    for entry in results["settings"].values():
         for point in entry["points"]:
             if point["concurrency"] in base:
                 point["speedup"] = round(point["output_tok_s"] / base[point["concurrency"]], 3)

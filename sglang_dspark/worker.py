@@ -86,8 +86,8 @@ class DSparkDraftSampler:
     One graph per (captured batch size, mode): ``greedy`` (an all-greedy batch: tokens and confidence, no
     draft distribution) and ``sampled`` (``q`` built for every row). The batch's hidden states and inputs
     are copied into static buffers (rows past ``bs`` of the padded size keep stale values, and their
-    outputs are ignored); outputs land in static buffers read through ``DraftBlock`` views. Batches larger
-    than the largest captured size run eagerly.
+    outputs are ignored); outputs land in static buffers read through ``DraftBlock`` views. The worker runs
+    batches larger than the largest captured size eagerly.
     """
 
     MODES = ("greedy", "sampled")
@@ -150,11 +150,9 @@ class DSparkDraftSampler:
         uniforms: torch.Tensor, all_greedy: bool,
     ) -> DraftBlock:
         """hidden ``[bs * gamma, d]``, anchor ``[bs]``, ``1/T`` ``[bs]``, greedy ``[bs]``, uniforms
-        ``[bs, gamma]`` -> ``DraftBlock`` (views of the static outputs, valid until the next call)."""
+        ``[bs, gamma]`` (``bs <= max_bs``) -> ``DraftBlock`` (views of the static outputs, valid until the next
+        call)."""
         bs = anchor.shape[0]
-        if bs > self.max_bs:
-            return self.model.draft_block(hidden, self.lm_head_weight, anchor, inv_temperature, greedy, uniforms,
-                                          all_greedy=all_greedy)
         padded = self.capture_bs[bisect.bisect_left(self.capture_bs, bs)]
         self.hidden[: bs * self.gamma].copy_(hidden)
         self.anchor[:bs].copy_(anchor)
@@ -461,7 +459,7 @@ class DSparkWorker(DFlashWorkerV2):
         """The Markov sampling loop and the confidence head over the backbone output (their CUDA graph when
         one was captured)."""
         with torch.inference_mode():
-            if self._sampler is not None:
+            if self._sampler is not None and anchor.shape[0] <= self._sampler.max_bs:
                 return self._sampler(hidden, anchor, inv_temperature, greedy, uniforms, all_greedy)
             return self.draft_model.draft_block(
                 hidden, self._lm_head_weight, anchor, inv_temperature, greedy, uniforms, all_greedy=all_greedy

@@ -12,10 +12,11 @@ import datetime
 import json
 import os
 import platform
+import random
 import signal
 import subprocess
-import tarfile
 import sys
+import tarfile
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -261,6 +262,12 @@ class Server:
         return response.text
 
 
+def random_prompts(n: int, length: int, high: int, seed: int = 0, low: int = 0) -> list[list[int]]:
+    """``n`` prompts of ``length`` token ids drawn uniformly from ``low..high-1`` (reproducible by ``seed``)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(low, high) for _ in range(length)] for _ in range(n)]
+
+
 def outputs(responses: list[dict]) -> list[list[int]]:
     """The ``output_ids`` of each ``/generate`` response."""
     return [r["output_ids"] for r in responses]
@@ -271,7 +278,7 @@ def mismatches(got: list[list[int]], want: list[list[int]]) -> list[dict]:
     bad = []
     for i, (g, w) in enumerate(zip(got, want)):
         if g != w:
-            first = next((j for j, (a, b) in enumerate(zip(g, w)) if a != b), min(len(g), len(w)))
+            first = first_difference(g, w)
             bad.append({"prompt": i, "position": first, "got": g[first:first + 8], "want": w[first:first + 8],
                         "len": [len(g), len(w)]})
     return bad

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import subprocess
 import sys
@@ -47,7 +46,9 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Clock, OUT, info, pack_logs, REPO, Report, Server, metric_value, mismatches, outputs  # noqa: E402
+from harness import (  # noqa: E402
+    OUT, REPO, Clock, Report, Server, info, metric_value, mismatches, outputs, pack_logs, random_prompts,
+)
 
 TINY_TARGET = REPO / "tests" / "fixtures" / "tiny-qwen3"
 TINY_DRAFT = REPO / "tests" / "fixtures" / "tiny-qwen3-dspark"
@@ -116,11 +117,6 @@ def tiny_prompts() -> tuple[list[list[int]], list[str]]:
             ids.append(tokenizer.encode(row["text"]))
             sources.append(row.get("source", path.name))
     return ids, sources
-
-
-def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]
 
 
 # ---- the reference loop (background process) -----------------------------------------------------------

@@ -186,6 +186,8 @@ def check_worker_step(report: Report) -> None:
             next_token_logits=logits, hidden_states=torch.randn(ids.shape[0], features)))
 
     class Sampler:  # DSparkDraftSampler's interface (its CUDA graphs replaced by draft_block)
+        max_bs = 8
+
         def __call__(self, hidden, anchor, inv_temperature, greedy, uniforms, all_greedy):
             self.anchor, self.greedy, self.all_greedy = anchor.clone(), greedy.clone(), all_greedy
             return draft_block(hidden, None, anchor, inv_temperature, greedy, uniforms, all_greedy)
