@@ -58,8 +58,6 @@ def validate_server_args(server_args: ServerArgs) -> None:
         raise ValueError(f"DSPARK speculative decoding only supports --pp-size 1, got {server_args.pp_size}.")
     if resolved_view(server_args).enable_dp_attention:
         raise ValueError("DSPARK speculative decoding does not support --enable-dp-attention.")
-    if server_args.tp_size != 1:
-        raise ValueError(f"DSPARK speculative decoding only supports --tp-size 1 for now, got {server_args.tp_size}.")
     if server_args.speculative_draft_model_path is None:
         raise ValueError(
             "DSPARK speculative decoding requires --speculative-draft-model-path (a DSpark draft checkpoint)."
@@ -102,6 +100,7 @@ def handle_server_args(server_args: ServerArgs) -> None:
             f"--speculative-draft-model-path {draft_path} does not fit --model-path {server_args.model_path}: {e}"
         ) from e
 
+    check_tensor_parallel(server_args, draft_config)
     _resolve_draft_attention_backend(server_args)
     if server_args.max_running_requests is None:
         server_args.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
@@ -146,6 +145,21 @@ def resolve_gamma(server_args: ServerArgs, draft_config: DSparkConfig) -> int:
             f"{int(num_draft_tokens) - 1}."
         )
     return gamma
+
+
+def check_tensor_parallel(server_args: ServerArgs, draft_config: DSparkConfig) -> None:
+    """The draft's layers split over ``--tp-size`` ranks as DFLASH's parallel layers need: query heads and
+    ``intermediate_size`` divisible by tp, key/value heads divisible by tp or dividing it (then replicated). The
+    rest of TP is the worker's (the lm_head gathered once, rank 0's draft state broadcast each step)."""
+    tp = int(server_args.tp_size)
+    c = draft_config
+    kv_ok = c.num_key_value_heads % tp == 0 if c.num_key_value_heads >= tp else tp % c.num_key_value_heads == 0
+    if c.num_attention_heads % tp or c.intermediate_size % tp or not kv_ok:
+        raise ValueError(
+            f"--tp-size {tp} does not split the draft {server_args.speculative_draft_model_path}: expected keys "
+            f"'num_attention_heads' and 'intermediate_size' divisible by {tp} and 'num_key_value_heads' divisible "
+            f"by {tp} or dividing it, found {c.num_attention_heads}, {c.intermediate_size} and {c.num_key_value_heads}"
+        )
 
 
 def read_draft_config_for_server(server_args: ServerArgs) -> DSparkConfig:

@@ -21,6 +21,12 @@ length ``P`` and pending bonus token ``x_0`` per request (no host synchronisatio
 5. publish ``P + a + 1``, write the draft context K/V of the ``a + 1`` committed positions from the
    verify pass's captured hidden states, and hand SGLang ``accept_lens = a + 1`` with
    ``speculative_num_draft_tokens = gamma + 1`` (so /server_info, meta_info and /metrics count it).
+
+Under tensor parallelism (``--tp-size N``) the draft backbone and the target are sharded by SGLang's
+parallel layers and every rank runs the whole step: the target's vocab-parallel lm_head is gathered into a
+full table once at init (``_target_lm_head_weight``), and after step 2's backbone forward every rank takes
+TP rank 0's uniforms and hidden states (``_from_tp_rank0``, one broadcast), so the replicated Markov loop,
+the acceptance and the commit are the same on every rank.
 """
 
 from __future__ import annotations
@@ -29,9 +35,11 @@ import bisect
 import contextlib
 import logging
 import os
+from collections.abc import Sequence
 from typing import Callable, Iterator, Optional
 
 import torch
+from sglang.srt.distributed import GroupCoordinator, get_tp_group
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.managers.schedule_batch import ScheduleBatch
 from sglang.srt.managers.utils import GenerationBatchResult
@@ -77,6 +85,29 @@ def _without_dflash_block_size_warning() -> Iterator[None]:
         yield
     finally:
         dflash_logger.removeFilter(drop)
+
+
+def gathered_vocab_rows(org_ranges: Sequence[tuple[int, int]], rows_per_rank: int, vocab: int) -> torch.Tensor:
+    """Where token ids ``0..vocab-1`` sit in a rank-major all-gather of vocab-parallel shards -> int64 ``[vocab]``.
+
+    Rank ``r``'s shard has ``rows_per_rank`` rows: token ids ``start..end-1`` (``org_ranges[r] = (start, end)``,
+    SGLang's ``shard_indices.org_vocab_{start,end}_index``) in its first ``end - start`` rows, then padding and
+    any LoRA-added rows (``VocabParallelEmbedding``'s layout). The ranges must tile ``0..vocab-1`` in rank order.
+    """
+    rows: list[int] = []
+    for rank, (start, end) in enumerate(org_ranges):
+        if start != len(rows) or not start <= end <= start + rows_per_rank:
+            raise ValueError(
+                f"DSPARK lm_head gather: expected rank {rank}'s vocab shard to hold token ids {len(rows)}.. in at "
+                f"most {rows_per_rank} rows, found ids {start}..{end - 1}"
+            )
+        rows.extend(range(rank * rows_per_rank, rank * rows_per_rank + end - start))
+    if len(rows) < vocab:
+        raise ValueError(
+            f"DSPARK lm_head gather: expected the vocab shards to hold token ids 0..{vocab - 1}, "
+            f"found 0..{len(rows) - 1}"
+        )
+    return torch.tensor(rows[:vocab], dtype=torch.int64)
 
 
 class DSparkDraftSampler:
@@ -171,6 +202,7 @@ class DSparkWorker(DFlashWorkerV2):
     """DSPARK speculative decoding (spec-v2, overlap and synchronous scheduling)."""
 
     _sampler: Optional[DSparkDraftSampler] = None  # set while DFLASH captures its graphs (in __init__)
+    _tp_group: Optional[GroupCoordinator] = None  # the TP group when --tp-size > 1 (see _from_tp_rank0)
 
     def __init__(
         self,
@@ -184,11 +216,6 @@ class DSparkWorker(DFlashWorkerV2):
         nccl_port: int,
         target_worker,
     ) -> None:
-        if server_args.tp_size != 1:
-            raise ValueError(
-                f"DSPARK speculative decoding supports --tp-size 1 only, got {server_args.tp_size}: the Markov "
-                "head samples over the full vocabulary on one rank"
-            )
         with _without_dflash_block_size_warning():
             super().__init__(
                 server_args=server_args, gpu_id=gpu_id, tp_rank=tp_rank, dp_rank=dp_rank,
@@ -202,6 +229,8 @@ class DSparkWorker(DFlashWorkerV2):
                 f"DSPARK: --speculative-num-draft-tokens must be gamma + 1 = {self.verify_width} "
                 f"(--speculative-dspark-block-size {self.gamma}), got {self.speculative_num_draft_tokens}"
             )
+        if get_tp_group().world_size > 1:
+            self._tp_group = get_tp_group()
         self._lm_head_weight = self._target_lm_head_weight()
         self._draft_spec_info = DFlashVerifyInput(
             draft_token=torch.empty((0,), dtype=torch.long, device=self.device),
@@ -258,7 +287,13 @@ class DSparkWorker(DFlashWorkerV2):
         return None
 
     def _target_lm_head_weight(self) -> torch.Tensor:
-        """The target's lm_head rows of the real vocabulary: ``[V, d]``."""
+        """The target's lm_head rows of the real vocabulary: ``[V, d]``.
+
+        Under TP the target's ``ParallelLMHead`` (or the ``embed_tokens`` it is tied to) holds one vocab shard
+        per rank, padded; the Markov head needs full-vocabulary logits inside its CUDA graphs, so the shards are
+        all-gathered here once and every rank keeps the whole table (its own shard stays in use by the target):
+        the Markov loop then runs replicated, with no collective inside the graphs.
+        """
         lm_head = getattr(self.target_worker.model_runner.model, "lm_head", None)
         weight = getattr(lm_head, "weight", None)
         if weight is None or not torch.is_floating_point(weight):
@@ -267,14 +302,39 @@ class DSparkWorker(DFlashWorkerV2):
                 f"unquantized lm_head.weight, found {None if weight is None else weight.dtype}"
             )
         shard = getattr(lm_head, "shard_indices", None)
-        rows = int(shard.num_org_elements) if shard is not None else int(weight.shape[0])
+        tp_size = int(lm_head.tp_size) if shard is not None else 1
+        rows = int(lm_head.org_vocab_size) if shard is not None else int(weight.shape[0])
         vocab = self._dspark_config().vocab_size
         if rows != vocab:
             raise ValueError(
                 f"{self.server_args.speculative_draft_model_path}: key 'vocab_size': expected {rows} (rows of "
                 f"the target's lm_head), found {vocab}"
             )
-        return weight[:vocab]
+        if tp_size == 1:
+            return weight[:vocab]
+        group = self._tp_group
+        if group is None or group.world_size != tp_size:
+            raise ValueError(
+                f"DSPARK: the target's lm_head is split over {tp_size} ranks, expected the TP group's "
+                f"{1 if group is None else group.world_size} ranks (--tp-size)"
+            )
+        org_ranges = []
+        for rank in range(tp_size):
+            indices = lm_head._get_indices(
+                lm_head.num_embeddings_padded, lm_head.org_vocab_size_padded, lm_head.num_embeddings,
+                lm_head.org_vocab_size, rank, tp_size,
+            )
+            org_ranges.append((indices.org_vocab_start_index, indices.org_vocab_end_index))
+        gathered = group.all_gather(weight.detach().contiguous(), dim=0)  # [tp_size * rows per rank, d]
+        index = gathered_vocab_rows(org_ranges, int(weight.shape[0]), vocab).to(gathered.device)
+        full = gathered.index_select(0, index)
+        if self.tp_rank == 0:
+            logger.info(
+                "DSPARK: --tp-size %d: the target's lm_head vocab shards gathered on every rank for the Markov "
+                "head, [%d, %d] %s: +%.1f MiB per GPU",
+                tp_size, full.shape[0], full.shape[1], full.dtype, full.numel() * full.element_size() / 2**20,
+            )
+        return full
 
     # ---- the step ------------------------------------------------------------------------------------------
 
@@ -308,6 +368,8 @@ class DSparkWorker(DFlashWorkerV2):
         ids, positions, cache_loc = self._verify_window(batch, draft_input.bonus_tokens)
         timer.mark("prepare")
         hidden = self._draft_backbone(batch, draft_input, ids, positions, cache_loc)
+        if self._tp_group is not None:
+            draws, hidden = self._from_tp_rank0(draws, hidden)
         timer.mark("draft")
         block = self._draft_tokens(hidden, ids[:, 0], inv_temperature, greedy, draws[:, :gamma], sampling is None)
         ids[:, 1:].copy_(block.tokens)
@@ -354,6 +416,36 @@ class DSparkWorker(DFlashWorkerV2):
             next_draft_input=self._make_next_draft_input_decode(bonus_tokens=bonus, new_seq_lens=layout.new_seq_lens),
             speculative_num_draft_tokens=self.verify_width,
             new_seq_lens=layout.new_seq_lens,
+        )
+
+    def _from_tp_rank0(self, draws: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """TP rank 0's uniforms (float32 ``[bs, 2 * gamma + 2]``) and draft hidden states (``[bs * gamma, d]``) on
+        every rank of the TP group: one broadcast of their bytes, no host synchronisation.
+
+        Every decision of the step (draft tokens, acceptance, bonus) is a function of these two, of the
+        verify logits and of tables that are identical on every rank (the logits processor all-gathers the
+        verify logits, so each rank holds the same bytes; the lm_head table is gathered once at init; the
+        heads' weights are replicated). Without this step the ranks would agree only by assumption: SGLang
+        seeds every rank's RNG with one broadcast seed and counts on all ranks drawing the same numbers (it
+        syncs sampled ids only under SYNC_TOKEN_IDS_ACROSS_TP or with a grammar, noting that the all-reduce
+        and sampling kernels are deterministic "in most cases"), and each rank computes its own copy of the
+        draft hidden states, equal across ranks only while every all-reduce of the draft returns bitwise-equal
+        sums everywhere (the vLLM-style custom all-reduce is built for that; NCCL and SGLang's other backends do
+        not promise it). A draft token that differed on one rank would give the ranks different verify inputs.
+        Taking rank 0's copy removes both assumptions for one small collective per step (``bs * (gamma * d * 2
+        + (2 * gamma + 2) * 4)`` bytes in bf16: 450 KiB at batch 8, gamma 7, d 4096).
+        """
+        n_hidden = hidden.numel() * hidden.element_size()
+        start = n_hidden + (-n_hidden % 16)  # hidden states at offset 0, uniforms 16-byte aligned after them
+        payload = torch.cat([
+            hidden.reshape(-1).view(torch.uint8),
+            torch.zeros((start - n_hidden,), dtype=torch.uint8, device=hidden.device),
+            draws.reshape(-1).view(torch.uint8),
+        ])
+        self._tp_group.broadcast(payload, src=0)
+        return (
+            payload[start:].view(draws.dtype).view(draws.shape),
+            payload[:n_hidden].view(hidden.dtype).view(hidden.shape),
         )
 
     def _sampling(

@@ -28,6 +28,12 @@ the time left covers it. The budget is ``ISSUE4_BUDGET_S`` (default 500 s) count
 
 The three tiny servers start together (they are small) while the reference loop runs in a background
 process, so parts 1 and 2 cost one server start. Server logs go to ``$ISSUE4_LOG_DIR`` (/tmp/issue4-logs).
+
+``ISSUE4_TP=N`` (default 1) serves every tiny server (no speculation, DSPARK, TorchSpec layout) with
+``--tp-size N`` (N GPUs each; their memory fractions and ports are per GPU, so they still fit together),
+writes ``issue4-1-tiny-tpN.json``, ``issue4-2-torchspec-tpN.json`` and ``issue4-logs-tpN.tar.gz`` beside the
+TP 1 files, and skips part 3 (the 8B shape on one GPU). The checks are the same: greedy identity with the
+no-speculation server of the same TP size, and acceptance against the same reference loop (so against TP 1's).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -75,6 +82,21 @@ TINY_ARGS = ["--context-length", "2048", "--mem-fraction-static", "0.2", "--cuda
 # decode forwards go away when both compute each row the same way.
 if os.environ.get("ISSUE4_DETERMINISTIC") == "1":
     TINY_ARGS = [*TINY_ARGS, "--enable-deterministic-inference"]
+
+
+def tp_size_from_env(environ: Mapping[str, str]) -> int:
+    """``ISSUE4_TP`` (default 1): the tensor-parallel size of every tiny server."""
+    text = environ.get("ISSUE4_TP", "").strip() or "1"
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"ISSUE4_TP: expected a positive integer (the --tp-size of the tiny servers), found {text!r}")
+    return int(text)
+
+
+TP = tp_size_from_env(os.environ)
+SUFFIX = f"-tp{TP}" if TP > 1 else ""  # result and log-archive names: TP > 1 runs do not overwrite TP 1's
+if TP > 1:
+    TINY_ARGS = [*TINY_ARGS, "--tp-size", str(TP)]
+RUN_PART3 = TP == 1 and not os.environ.get("ISSUE4_SKIP_PART3")  # the 8B shape is a one-GPU test
 PORTS = {"baseline": 32100, "dspark": 32200, "torchspec": 32300, "qwen3-8b": 32400}
 
 BIG_N, BIG_IN, BIG_OUT, BIG_MAX_BS = 64, 512, 512, 48
@@ -91,7 +113,7 @@ def log(message: str) -> None:
 
 
 def save_logs() -> None:
-    pack_logs(LOG_DIR, "issue4-logs")
+    pack_logs(LOG_DIR, f"issue4-logs{SUFFIX}")
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -405,7 +427,9 @@ def tiny_parts(clock: Clock, reference_proc: subprocess.Popen, prompts: list[lis
     """Parts 1 and 2: three tiny servers started together, driven by one thread each; then the checks."""
     guard = clock.guard(TINY_GUARD_S) - STOP_S
     n = len(prompts)
-    r1, r2 = Report("issue4-1-tiny"), Report("issue4-2-torchspec")
+    r1, r2 = Report(f"issue4-1-tiny{SUFFIX}"), Report(f"issue4-2-torchspec{SUFFIX}")
+    for report in (r1, r2):
+        report.data["results"]["tp_size"] = TP
     r1.data["results"]["prompts"] = {"sources": sources, "lengths": [len(p) for p in prompts], "max_new_tokens": N_OUT}
     from sglang_dspark.checkpoint import read_draft_config
 
@@ -742,7 +766,7 @@ def main() -> int:
     clock = Clock("ISSUE4_T0", BUDGET_S)
     WORK.mkdir(parents=True, exist_ok=True)
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    log(f"start at {clock.elapsed()} s of the run, budget {BUDGET_S:.0f} s")
+    log(f"start at {clock.elapsed()} s of the run, budget {BUDGET_S:.0f} s, tiny servers at --tp-size {TP}")
     prompts, sources = tiny_prompts()
     reference_proc = start_reference(prompts)
     try:
@@ -753,8 +777,8 @@ def main() -> int:
         if reference_proc.poll() is None:
             reference_proc.kill()
     log(f"parts 1-2 done at {clock.elapsed()} s; {clock.left():.0f} s left")
-    if os.environ.get("ISSUE4_SKIP_PART3"):
-        log("part 3 skipped (ISSUE4_SKIP_PART3 set)")
+    if not RUN_PART3:
+        log(f"part 3 skipped ({'ISSUE4_SKIP_PART3 set' if TP == 1 else f'ISSUE4_TP={TP}'})")
     elif clock.left() >= PART3_NEEDS_S:
         big_part(clock)
     else:
@@ -762,7 +786,7 @@ def main() -> int:
         report.check("part 3 started", False, f"skipped: {clock.left():.0f} s left < {PART3_NEEDS_S:.0f} s needed")
         report.write()
     log(f"done at {clock.elapsed()} s")
-    names = ("issue4-1-tiny", "issue4-2-torchspec") + (() if os.environ.get("ISSUE4_SKIP_PART3") else ("issue4-3-qwen3-8b",))
+    names = (f"issue4-1-tiny{SUFFIX}", f"issue4-2-torchspec{SUFFIX}") + (("issue4-3-qwen3-8b",) if RUN_PART3 else ())
     paths = [OUT / f"{name}.json" for name in names]
     ok = all(path.exists() and json.loads(path.read_text()).get("ok") for path in paths)
     return 0 if ok else 1

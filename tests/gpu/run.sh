@@ -18,7 +18,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 # The command as recorded in the results files, with the knobs it ran under (budgets, switches).
-export DSPARK_GPU_COMMAND="$(env | grep -E '^(SERVING|ISSUE4)_[A-Z_]+=' | grep -v '_T0=' | sort | tr '\n' ' ')bash tests/gpu/run.sh $*"
+export DSPARK_GPU_COMMAND="$(env | grep -E '^(SERVING|ISSUE4)_[A-Z0-9_]+=' | grep -v '_T0=' | sort | tr '\n' ' ')bash tests/gpu/run.sh $*"
 export ISSUE4_T0=${ISSUE4_T0:-$(date +%s)}
 WHICH=${1:-smoke}
 shift $(( $# > 0 ? 1 : 0 ))

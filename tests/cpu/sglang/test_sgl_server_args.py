@@ -87,7 +87,6 @@ def test_mixed_chunk_is_switched_off(parse):
         (("--speculative-eagle-topk", "2"), "--speculative-eagle-topk must be 1"),
         (("--speculative-num-steps", "3"), "--speculative-num-steps must be 1"),
         (("--pp-size", "2"), "--pp-size 1, got 2"),
-        (("--tp-size", "2"), "--tp-size 1 for now, got 2"),
         (("--speculative-dspark-block-size", "8"), "--speculative-dspark-block-size 8 exceeds the block_size 7"),
         (("--tp-size", "2", "--dp-size", "2", "--enable-dp-attention"), "--enable-dp-attention"),
         (("--device", "cpu"), "needs a CUDA device"),
