@@ -5,7 +5,8 @@
 #        drafts), more (simulated acceptance, gated head, no CUDA graphs), unit,
 #        issue4 (tests/gpu/issue4.py: the tiny pair vs no-spec and the reference loop, the TorchSpec layout,
 #        Qwen3-8B shape with dummy weights; within ISSUE4_BUDGET_S, default 500 s from this script's start;
-#        ISSUE4_DETERMINISTIC=1 serves the tiny pair with --enable-deterministic-inference),
+#        ISSUE4_DETERMINISTIC=1 serves the tiny pair with --enable-deterministic-inference, ISSUE4_TP=2 at
+#        --tp-size 2 on the two-GPU machine: results issue4-*-tp2.json, part 3 skipped),
 #        serving (tests/gpu/serving.py: DSPARK through the OpenAI API, request edge cases, aborts, prefix cache,
 #        chunked prefill and a saturation phase on the tiny pair; within SERVING_BUDGET_S, default 500 s from this
 #        script's start; SERVING_SATURATION_S (120), SERVING_DETERMINISTIC=1 adds
