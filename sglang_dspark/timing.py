@@ -16,16 +16,23 @@ draft backbone (its CUDA graph), ``markov`` the Markov sampling and confidence h
 
 from __future__ import annotations
 
+import cProfile
+import io
 import logging
+import os
+import pstats
 import time
 from collections import defaultdict
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Optional
 
 import torch
 
 logger = logging.getLogger("sglang_dspark")
 
 STEP_TIMING_ENV = "SGLANG_DSPARK_STEP_TIMING"
+CPU_PROFILE_ENV = "SGLANG_DSPARK_CPU_PROFILE"
 PHASES = ("prepare", "draft", "markov", "verify", "accept", "kv_inject")
 
 
@@ -111,3 +118,57 @@ class StepTimer(NoTimer):
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         return event
+
+
+class CpuProfile:
+    """``cProfile`` of the scheduler process's thread over a window of DSPARK decode steps (benchmarking only).
+
+    ``SGLANG_DSPARK_CPU_PROFILE=DIR,START,COUNT``: profiling starts at the ``START``-th decode step and stops
+    ``COUNT`` steps later, so it covers everything the thread does in between (the scheduler's result
+    processing and batch preparation as well as the worker's launches). The stats go to
+    ``DIR/dspark-cpu-<pid>.pstats``; the log gets the window's wall time per step and the top functions.
+    No device synchronisation is added: where the host waits for the GPU, the waiting call shows.
+    """
+
+    TOP = 40
+
+    def __init__(self, out_dir: Path, start: int, count: int) -> None:
+        self.out_dir, self.start, self.count = out_dir, start, count
+        self._steps = 0
+        self._profiler = cProfile.Profile()
+        self._t0 = 0.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Optional["CpuProfile"]:
+        text = environ.get(CPU_PROFILE_ENV, "").strip()
+        if not text:
+            return None
+        parts = text.split(",")
+        try:
+            out_dir, start, count = parts[0], int(parts[1]), int(parts[2])
+        except (IndexError, ValueError):
+            raise ValueError(f"{CPU_PROFILE_ENV}: expected DIR,START,COUNT (e.g. /tmp/prof,100,200), found {text!r}") from None
+        if not out_dir or start < 1 or count < 1:
+            raise ValueError(f"{CPU_PROFILE_ENV}: expected a directory and positive START and COUNT, found {text!r}")
+        logger.warning("DSPARK CPU profile ON (%s=%s): decode steps %d..%d; for benchmarking only.",
+                       CPU_PROFILE_ENV, text, start, start + count - 1)
+        return cls(Path(out_dir), start, count)
+
+    def step(self) -> None:
+        """Called at the start of every decode step."""
+        self._steps += 1
+        if self._steps == self.start:
+            self._t0 = time.perf_counter()
+            self._profiler.enable()
+        elif self._steps == self.start + self.count:
+            self._profiler.disable()
+            self._write((time.perf_counter() - self._t0) * 1e3 / self.count)
+
+    def _write(self, ms_per_step: float) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"dspark-cpu-{os.getpid()}.pstats"
+        self._profiler.dump_stats(str(path))
+        text = io.StringIO()
+        pstats.Stats(self._profiler, stream=text).sort_stats("cumulative").print_stats(self.TOP)
+        logger.info("DSPARK CPU profile: %d steps, %.3f ms per step (wall, profiler overhead included), "
+                    "stats in %s\n%s", self.count, ms_per_step, path, text.getvalue())

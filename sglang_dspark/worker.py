@@ -61,7 +61,7 @@ from sglang_dspark.accept import (
 )
 from sglang_dspark.config import DSparkConfig
 from sglang_dspark.model import DSparkDraftModel
-from sglang_dspark.timing import StepTimer
+from sglang_dspark.timing import CpuProfile, StepTimer
 
 logger = logging.getLogger("sglang_dspark")
 
@@ -203,6 +203,7 @@ class DSparkWorker(DFlashWorkerV2):
 
     _sampler: Optional[DSparkDraftSampler] = None  # set while DFLASH captures its graphs (in __init__)
     _tp_group: Optional[GroupCoordinator] = None  # the TP group when --tp-size > 1 (see _from_tp_rank0)
+    _cpu_profile: Optional[CpuProfile] = None  # SGLANG_DSPARK_CPU_PROFILE (benchmarking only)
 
     def __init__(
         self,
@@ -241,6 +242,7 @@ class DSparkWorker(DFlashWorkerV2):
         )
         self._simulation = SimulatedAcceptance.from_env(os.environ, self.gamma, self.device)
         self._timer = StepTimer.from_env(os.environ)
+        self._cpu_profile = CpuProfile.from_env(os.environ)
         config = self._dspark_config()
         logger.info(
             "DSPARK worker: gamma=%d (draft width %d, verify width %d), %s draft %s, markov %s r=%d, "
@@ -362,6 +364,8 @@ class DSparkWorker(DFlashWorkerV2):
         prefix_lens = batch.seq_lens
         timer = self._timer
         timer.start(bs)
+        if self._cpu_profile is not None:
+            self._cpu_profile.step()
         greedy, inv_temperature, sampling = self._sampling(batch, bs)
         draws = torch.rand((bs, 2 * gamma + 2), device=self.device)
 
