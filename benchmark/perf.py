@@ -12,7 +12,8 @@ One run measures one engine: its own no-speculation server and its DSPARK at sim
 ``ignore_eos``, ``2 x concurrency`` requests (3 at concurrency 1) after a warm-up; output tok/s = all
 completion tokens / wall time. ``--breakdown`` (ours) adds a server with ``SGLANG_DSPARK_STEP_TIMING``
 and records its per-phase step times per batch size (``sglang_dspark.timing``; its throughput is not a
-result, every timed step synchronises).
+result, every timed step synchronises). ``--nosync`` (ours) adds the DSPARK settings again with
+``SGLANG_DSPARK_NO_SEQ_LENS_SYNC=1`` (named ``acc1-nosync`` etc.).
 
 Writes ``$OUT/perf-<engine>.json``: command, commit, date, device, server flags, and per setting and
 concurrency the throughput, the speedup over this run's no-speculation server and the measured accept
@@ -56,7 +57,7 @@ SPEC_ARGS = [
 TIMING_RE = re.compile(r"DSPARK step timing bs=(\d+) steps=(\d+): (.*) ms")
 
 
-def settings(engine: str, breakdown: bool) -> list[tuple[str, dict[str, str]]]:
+def settings(engine: str, breakdown: bool, nosync: bool = False) -> list[tuple[str, dict[str, str]]]:
     """(name, server env) per setting; "baseline" is no speculation."""
     card = ({"SGLANG_DSPARK_SIMULATE_ACC_PROFILE": ",".join(map(str, CARD_PROFILE))} if engine == "ours"
             else {"SGLANG_SIMULATE_ACC_LEN": f"{1 + sum(CARD_PROFILE):.3f}"})
@@ -65,6 +66,8 @@ def settings(engine: str, breakdown: bool) -> list[tuple[str, dict[str, str]]]:
             ("card", card)]
     if breakdown:
         rows.append(("breakdown", {**card, "SGLANG_DSPARK_STEP_TIMING": "100"}))
+    if nosync:
+        rows += [(f"{name}-nosync", {**env, "SGLANG_DSPARK_NO_SEQ_LENS_SYNC": "1"}) for name, env in rows[1:5]]
     return rows
 
 
@@ -104,13 +107,15 @@ def main() -> int:
     parser.add_argument("--concurrency", default="1,32,8,64", help="comma-separated, measured in this order")
     parser.add_argument("--only", default="", help="comma-separated setting names to run (default: all)")
     parser.add_argument("--breakdown", action="store_true", help="ours: add the step-timing server (per-phase times per batch size)")
+    parser.add_argument("--nosync", action="store_true",
+                        help="ours: add acc1/acc3/acc2/card with SGLANG_DSPARK_NO_SEQ_LENS_SYNC=1 (experimental)")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds from start for the whole run")
     parser.add_argument("--wave", type=int, default=3, help="servers started together")
     args = parser.parse_args()
     t0 = float(os.environ.get("PERF_T0", time.time()))
     deadline = t0 + args.budget
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    rows = settings(args.engine, args.breakdown)
+    rows = settings(args.engine, args.breakdown, args.nosync)
     if args.only:
         keep = set(args.only.split(","))
         rows = [r for r in rows if r[0] in keep]

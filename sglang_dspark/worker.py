@@ -66,6 +66,7 @@ from sglang_dspark.timing import CpuProfile, StepTimer
 logger = logging.getLogger("sglang_dspark")
 
 _DFLASH_LOGGER = "sglang.srt.speculative.dflash_worker_v2"
+NO_SEQ_LENS_SYNC_ENV = "SGLANG_DSPARK_NO_SEQ_LENS_SYNC"
 
 
 class _DropDflashBlockSizeWarning(logging.Filter):
@@ -243,6 +244,8 @@ class DSparkWorker(DFlashWorkerV2):
         self._simulation = SimulatedAcceptance.from_env(os.environ, self.gamma, self.device)
         self._timer = StepTimer.from_env(os.environ)
         self._cpu_profile = CpuProfile.from_env(os.environ)
+        if os.environ.get(NO_SEQ_LENS_SYNC_ENV) == "1":
+            self._plan_from_upper_bounds()
         config = self._dspark_config()
         logger.info(
             "DSPARK worker: gamma=%d (draft width %d, verify width %d), %s draft %s, markov %s r=%d, "
@@ -251,6 +254,25 @@ class DSparkWorker(DFlashWorkerV2):
             server_args.speculative_draft_model_path, config.markov_head_type, config.markov_rank,
             "on" if config.enable_confidence_head else "off", self._mask_token_id,
         )
+
+    def _plan_from_upper_bounds(self) -> None:
+        """``SGLANG_DSPARK_NO_SEQ_LENS_SYNC=1`` (experimental): the target's and the draft's FlashInfer backends
+        opt out of the scheduler's host mirror of the sequence lengths (``needs_cpu_seq_lens``), so preparing
+        step N + 1 does not wait for step N's acceptance on the GPU (SGLang's ``resolve_seq_lens_cpu``). The
+        step then plans attention from the reserved upper bounds, and patch 0010 attends without a KV split."""
+        from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+
+        backends = [b for b in self.spec_v2_attn_backends if b is not None]
+        others = sorted({type(b).__name__ for b in backends if not isinstance(b, FlashInferAttnBackend)})
+        if others:
+            raise ValueError(
+                f"{NO_SEQ_LENS_SYNC_ENV}=1 needs FlashInfer attention for the target and the draft "
+                f"(--attention-backend flashinfer), found {', '.join(others)}"
+            )
+        for backend in backends:
+            backend.needs_cpu_seq_lens = False
+        logger.info("DSPARK: %s=1: attention planned from reserved sequence-length bounds, without a KV split; "
+                    "the scheduler does not wait for each step's lengths (experimental).", NO_SEQ_LENS_SYNC_ENV)
 
     def _dspark_config(self) -> DSparkConfig:
         if not isinstance(self.draft_model, DSparkDraftModel):

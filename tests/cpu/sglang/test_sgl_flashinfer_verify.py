@@ -1,0 +1,81 @@
+"""Patch 0010 (FlashInfer, DSPARK verify): the deterministic decode-row layout, the no-split plan from upper bounds."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+pytestmark = pytest.mark.sglang
+torch = pytest.importorskip("torch")
+
+
+def test_verify_decode_rows_layout(dspark_plugin):
+    from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+
+    backend = types.SimpleNamespace(verify_decode_rows=3)
+    committed = torch.tensor([10, 4], dtype=torch.int32)
+    host_kv = committed + 3 + torch.tensor([0, 2], dtype=torch.int32)  # host lengths: with the block, may be larger
+    pools, kv, kv_cpu, kv_sum = FlashInferAttnBackend._verify_decode_rows(
+        backend, torch.tensor([5, 9]), committed, host_kv, int(host_kv.sum())
+    )
+    # Row j of a request is the decode of its token j: it attends to committed + j + 1 slots.
+    assert pools.tolist() == [5, 5, 5, 9, 9, 9]
+    assert kv.tolist() == [11, 12, 13, 5, 6, 7]
+    assert kv_cpu.tolist() == [11, 12, 13, 7, 8, 9]  # the host bound per row, never below the device length
+    assert all(h >= d for h, d in zip(kv_cpu.tolist(), kv.tolist())) and kv_sum >= int(kv_cpu.sum())
+    # Padded graph rows carry a host length of 1: every row still plans at least one slot.
+    _, _, kv_cpu, _ = FlashInferAttnBackend._verify_decode_rows(
+        backend, torch.tensor([0]), torch.tensor([1]), torch.tensor([1]), 1
+    )
+    assert kv_cpu.tolist() == [1, 1, 1]
+
+
+def test_fast_prefill_plan_passes_disable_split_kv(dspark_plugin):
+    """Patch 0010: the sync-free verify plan hands ``disable_split_kv`` to FlashInfer's planner (a backend that
+    plans from upper-bound lengths must not split the KV)."""
+    from sglang.srt.layers.attention.flashinfer_backend import fast_prefill_plan
+
+    for disable in (False, True):
+        calls = []
+        bs, width = 2, 3
+        wrapper = types.SimpleNamespace(
+            is_cuda_graph_enabled=True, _backend="fa2", _max_total_num_rows=None, device=torch.device("cpu"),
+            _cached_module=types.SimpleNamespace(plan=lambda *args: calls.append(args)),
+            _float_workspace_buffer=None, _int_workspace_buffer=None, _pin_memory_int_workspace_buffer=None,
+            _qo_indptr_buf=torch.zeros(bs + 1, dtype=torch.int32), _paged_kv_indptr_buf=torch.zeros(bs + 1, dtype=torch.int32),
+            _paged_kv_last_page_len_buf=torch.zeros(bs, dtype=torch.int32), _paged_kv_indices_buf=torch.zeros(64, dtype=torch.int32),
+        )
+        qo = torch.arange(0, (bs + 1) * width, width, dtype=torch.int32)
+        kv = torch.tensor([0, 10, 25], dtype=torch.int32)
+        fast_prefill_plan(
+            wrapper, qo, kv, torch.arange(25, dtype=torch.int32), torch.ones(bs, dtype=torch.int32), 4, 2, 8, 1,
+            causal=True, qo_indptr_host=qo, kv_indptr_host=kv, kv_lens_host=torch.tensor([10, 15], dtype=torch.int32),
+            max_q_len=width, max_kv_len=15, disable_split_kv=disable,
+        )
+        assert len(calls) == 1 and calls[0][-2] is disable and calls[0][-3] == -1  # no fixed split size given
+
+
+def test_no_seq_lens_sync_opt_out(dspark_plugin):
+    """``SGLANG_DSPARK_NO_SEQ_LENS_SYNC=1``: both FlashInfer backends opt out of the host seq_lens mirror; any
+    other backend is refused with the knob's name."""
+    from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+
+    import sglang_dspark.worker as worker_module
+
+    def worker_with(*backends):
+        worker = object.__new__(worker_module.DSparkWorker)
+        worker.__dict__.update(
+            _target_worker=types.SimpleNamespace(model_runner=types.SimpleNamespace(attn_backend=backends[0])),
+            draft_model_runner=types.SimpleNamespace(attn_backend=backends[1]),
+        )
+        return worker
+
+    target, draft = object.__new__(FlashInferAttnBackend), object.__new__(FlashInferAttnBackend)
+    assert target.needs_cpu_seq_lens and draft.needs_cpu_seq_lens  # SGLang's default for FlashInfer
+    worker_with(target, draft)._plan_from_upper_bounds()
+    assert target.needs_cpu_seq_lens is False and draft.needs_cpu_seq_lens is False
+    other = types.SimpleNamespace(needs_cpu_seq_lens=True)
+    with pytest.raises(ValueError, match="SGLANG_DSPARK_NO_SEQ_LENS_SYNC=1 needs FlashInfer"):
+        worker_with(object.__new__(FlashInferAttnBackend), other)._plan_from_upper_bounds()
+    assert other.needs_cpu_seq_lens is True
