@@ -5,6 +5,7 @@ Draft and target directories hold only ``config.json``: argument resolution neve
 
 from __future__ import annotations
 
+import argparse
 from typing import Any, Callable
 
 import pytest
@@ -37,3 +38,23 @@ def dspark_plugin():
     spec = get_spec("DSPARK")
     assert spec is not None, "load_plugins() did not register DSPARK: is sglang-dspark pip-installed here?"
     return spec
+
+
+@pytest.fixture(scope="module")
+def parse(dspark_plugin, model_dirs):
+    """``parse(*flags, draft=cfg, target=cfg)`` -> resolved ``ServerArgs`` from a real CLI parse."""
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    default_dirs = model_dirs()
+
+    def _parse(*flags: str, draft=None, target=None, algorithm: str = "DSPARK"):
+        target_dir, draft_dir = model_dirs(draft, target) if (draft or target) else default_dirs
+        argv = [
+            "--model-path", target_dir, "--device", "cuda", "--skip-tokenizer-init",
+            "--speculative-algorithm", algorithm, "--speculative-draft-model-path", draft_dir, *flags,
+        ]
+        return ServerArgs.from_cli_args(parser.parse_args(argv))
+
+    return _parse

@@ -1,12 +1,30 @@
-"""Config builders for the SGLang tests: a tiny Qwen3 target and DSpark drafts (config.json only)."""
+"""Config builders for the SGLang tests: a tiny Qwen3 target and DSpark drafts (config.json only); the GPU
+worker-step checks run on CPU."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 TARGET_LAYERS = 8
+GPU_TESTS = Path(__file__).resolve().parents[2] / "gpu"
+
+
+def run_worker_step_checks(name: str, tmp_path: Path, monkeypatch: Any) -> list[dict[str, Any]]:
+    """``tests/gpu/unit.py``'s ``check_worker_step`` (``DSparkWorker._decode`` with SGLang's kernels and forwards
+    replaced by torch stand-ins) on CPU -> its checks (``{"name", "ok", "detail"}`` each)."""
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.syspath_prepend(str(GPU_TESTS))
+    for module in ("harness", "unit"):
+        sys.modules.pop(module, None)  # harness reads OUT at import
+    import unit
+    from harness import Report
+
+    report = Report(name)
+    report.run("worker step", lambda: unit.check_worker_step(report))
+    return report.data["checks"]
 
 
 def target_config(**overrides: Any) -> dict[str, Any]:

@@ -13,26 +13,6 @@ pytestmark = pytest.mark.sglang
 pytest.importorskip("sglang.srt")  # "sglang" alone would find this test dir
 
 
-@pytest.fixture(scope="module")
-def parse(dspark_plugin, model_dirs):
-    """``parse(*flags, draft=cfg, target=cfg)`` -> resolved ``ServerArgs`` from a real CLI parse."""
-    from sglang.srt.server_args import ServerArgs
-
-    parser = argparse.ArgumentParser()
-    ServerArgs.add_cli_args(parser)
-    default_dirs = model_dirs()
-
-    def _parse(*flags: str, draft=None, target=None, algorithm: str = "DSPARK"):
-        target_dir, draft_dir = model_dirs(draft, target) if (draft or target) else default_dirs
-        argv = [
-            "--model-path", target_dir, "--device", "cuda", "--skip-tokenizer-init",
-            "--speculative-algorithm", algorithm, "--speculative-draft-model-path", draft_dir, *flags,
-        ]
-        return ServerArgs.from_cli_args(parser.parse_args(argv))
-
-    return _parse
-
-
 def test_defaults_come_from_the_checkpoint(parse):
     args = parse()
     assert args.speculative_algorithm == "DSPARK"

@@ -4,41 +4,20 @@ rank 0's uniforms and draft hidden states taken by every rank each step (fake TP
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from sglang_fixtures import draft_config
+from sglang_fixtures import draft_config, run_worker_step_checks
 
 pytestmark = pytest.mark.sglang
 pytest.importorskip("sglang.srt")  # "sglang" alone would find this test dir
 
-GPU_TESTS = Path(__file__).resolve().parents[2] / "gpu"
 
 
 # ---- launch arguments ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def parse(dspark_plugin, model_dirs):
-    """``parse(*flags, draft=cfg)`` -> resolved ``ServerArgs`` from a real CLI parse (DSPARK)."""
-    from sglang.srt.server_args import ServerArgs
-
-    parser = argparse.ArgumentParser()
-    ServerArgs.add_cli_args(parser)
-
-    def _parse(*flags: str, draft=None):
-        target_dir, draft_dir = model_dirs(draft)
-        argv = ["--model-path", target_dir, "--device", "cuda", "--skip-tokenizer-init", "--speculative-algorithm",
-                "DSPARK", "--speculative-draft-model-path", draft_dir, *flags]
-        return ServerArgs.from_cli_args(parser.parse_args(argv))
-
-    return _parse
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -246,15 +225,7 @@ def test_decode_step_broadcasts_once_per_step(dspark_plugin, tmp_path, monkeypat
 
     group = _BroadcastGroup()
     monkeypatch.setattr(worker_module.DSparkWorker, "_tp_group", group)
-    monkeypatch.setenv("OUT", str(tmp_path))
-    monkeypatch.syspath_prepend(str(GPU_TESTS))
-    for name in ("harness", "unit"):
-        sys.modules.pop(name, None)  # harness reads OUT at import
-    import unit
-    from harness import Report
-
-    report = Report("worker-step-tp")
-    report.run("worker step", lambda: unit.check_worker_step(report))
-    failed = [c for c in report.data["checks"] if not c["ok"]]
-    assert len(report.data["checks"]) == 3 and not failed, failed
+    checks = run_worker_step_checks("worker-step-tp", tmp_path, monkeypatch)
+    failed = [c for c in checks if not c["ok"]]
+    assert len(checks) == 3 and not failed, failed
     assert [src for src, _, _ in group.calls] == [0, 0, 0]
