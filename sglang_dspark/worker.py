@@ -522,7 +522,9 @@ class DSparkWorker(DFlashWorkerV2):
     def _host_seq_lens(
         self, batch: ScheduleBatch, draft_input: DFlashDraftInputV2, width: int
     ) -> tuple[torch.Tensor, int]:
-        """Host upper bound of the KV length of a ``width``-token forward (attention planning), no sync."""
+        """Host KV lengths of a ``width``-token forward for attention planning, no sync: exact from the
+        scheduler's host mirror, else (``SGLANG_DSPARK_NO_SEQ_LENS_SYNC``) the reserved upper bounds, which
+        FlashInfer may only plan from without a KV split (patch 0010 sees to that)."""
         if batch.seq_lens_cpu is not None:
             seq_lens_cpu = batch.seq_lens_cpu + width
             return seq_lens_cpu, int(seq_lens_cpu.sum())
