@@ -232,8 +232,13 @@ def check_worker_step(report: Report) -> None:
     bonus, prefix, pools = [by_accepted[a] for a in sorted(by_accepted)[-3:]], [10, 20, 30], [2, 0, 3]
     with ExitStack() as stack:
         stack.enter_context(mock.patch.object(worker_module, "_prepare_dflash_draft_block_unchecked", prepare_block))
-        stack.enter_context(mock.patch.object(worker_module.DFlashVerifyInput, "prepare_for_verify",
-                                              lambda self, batch, target_worker: (self, False)))
+        verify_host_lens = []
+
+        def prepare_for_verify(self, batch, target_worker):
+            verify_host_lens.append((batch.seq_lens_cpu.tolist(), batch.seq_lens_sum))
+            return self, False
+
+        stack.enter_context(mock.patch.object(worker_module.DFlashVerifyInput, "prepare_for_verify", prepare_for_verify))
         stack.enter_context(mock.patch.object(torch.Tensor, "record_stream", lambda self, stream: None))
         for name, greedy in (("greedy", [True] * 3), ("mixed", [True, False, False])):
             published = []
@@ -270,6 +275,19 @@ def check_worker_step(report: Report) -> None:
               and worker._sampler.greedy.tolist() == [True, False, True])
         report.check("worker step (simulated ACC_LEN=2, graph path): one draft + the target's token", ok,
                      None if ok else out.tolist())
+        # No host mirror of the lengths (SGLANG_DSPARK_NO_SEQ_LENS_SYNC): draft and verify plan from the reserved
+        # upper bounds, and the batch keeps seq_lens_cpu None for the scheduler.
+        b = batch(bonus, prefix, [True, True, True])
+        b.seq_lens_cpu, b.seq_lens_sum = None, None
+        reserved = [p + 2 * (gamma + 1) + 3 for p in prefix]
+        b.spec_info.reserved_seq_lens_cpu, b.spec_info.reserved_seq_lens_sum = torch.tensor(reserved), sum(reserved)
+        verify_host_lens.clear()
+        result = worker._decode(b, None)
+        ok = (seen["draft"].seq_lens_cpu.tolist() == reserved and seen["draft"].seq_lens_sum == sum(reserved)
+              and verify_host_lens == [(reserved, sum(reserved))] and b.seq_lens_cpu is None and b.seq_lens_sum is None
+              and result.accept_lens.tolist() == [2, 2, 2])
+        report.check("worker step without host lengths: draft and verify planned from the reserved bounds", ok,
+                     None if ok else {"draft": seen["draft"].seq_lens_cpu.tolist(), "verify": verify_host_lens})
 
 
 def _chain(f: torch.Tensor, start: int, n: int) -> list[int]:

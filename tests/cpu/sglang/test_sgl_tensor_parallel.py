@@ -227,5 +227,5 @@ def test_decode_step_broadcasts_once_per_step(dspark_plugin, tmp_path, monkeypat
     monkeypatch.setattr(worker_module.DSparkWorker, "_tp_group", group)
     checks = run_worker_step_checks("worker-step-tp", tmp_path, monkeypatch)
     failed = [c for c in checks if not c["ok"]]
-    assert len(checks) == 3 and not failed, failed
-    assert [src for src, _, _ in group.calls] == [0, 0, 0]
+    assert len(checks) == 4 and not failed, failed
+    assert [src for src, _, _ in group.calls] == [0, 0, 0, 0]
