@@ -1,6 +1,7 @@
 """``DSparkWorker._decode`` on CPU: the worker-step checks of ``tests/gpu/unit.py`` (draft window, draft
 batch, greedy and mixed acceptance, commit layout, publish, draft K/V commit, simulated acceptance through
-the sampler-graph interface, planning from reserved bounds without host lengths) run here with SGLang's kernels and forwards replaced by torch stand-ins."""
+the sampler-graph interface, planning from the reserved bounds without host lengths) run here with SGLang's
+kernels and forwards replaced by torch stand-ins."""
 
 from __future__ import annotations
 
