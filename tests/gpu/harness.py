@@ -26,6 +26,9 @@ from typing import Any, Callable
 import requests
 
 REPO = Path(__file__).resolve().parents[2]
+TINY_TARGET = REPO / "tests" / "fixtures" / "tiny-qwen3"  # the tiny trained pair (benchmark/tiny/README.md)
+TINY_DRAFT = REPO / "tests" / "fixtures" / "tiny-qwen3-dspark"
+HUMANEVAL = REPO / "benchmark" / "tiny" / "humaneval_code.jsonl"
 OUT = Path(os.environ.get("OUT") or os.environ.get("SGL_RUN_OUT") or REPO / "gpu-out")
 
 # Flags every server of these tests gets (see shared/device/README.md): the kit has FlashInfer kernels and

@@ -54,12 +54,10 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (  # noqa: E402
-    OUT, REPO, Clock, Report, Server, info, metric_value, mismatches, outputs, pack_logs, random_prompts,
+    HUMANEVAL, OUT, REPO, TINY_DRAFT, TINY_TARGET, Clock, Report, Server, info, metric_value, mismatches, outputs,
+    pack_logs, random_prompts,
 )
 
-TINY_TARGET = REPO / "tests" / "fixtures" / "tiny-qwen3"
-TINY_DRAFT = REPO / "tests" / "fixtures" / "tiny-qwen3-dspark"
-HUMANEVAL = REPO / "benchmark" / "tiny" / "humaneval_code.jsonl"
 QWEN3_8B = Path(__file__).resolve().parent / "qwen3_8b"
 WORK = Path(os.environ.get("ISSUE4_WORK", "/tmp/issue4"))
 LOG_DIR = Path(os.environ.get("ISSUE4_LOG_DIR", "/tmp/issue4-logs"))

@@ -72,12 +72,10 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (  # noqa: E402
-    REPO, Clock, info, pack_logs, Report, Server, first_difference, metric_value, server_load, sse_events, wait_idle,
+    HUMANEVAL, TINY_DRAFT, TINY_TARGET, Clock, info, pack_logs, Report, Server, first_difference, metric_value,
+    server_load, sse_events, wait_idle,
 )
 
-TINY_TARGET = REPO / "tests" / "fixtures" / "tiny-qwen3"
-TINY_DRAFT = REPO / "tests" / "fixtures" / "tiny-qwen3-dspark"
-HUMANEVAL = REPO / "benchmark" / "tiny" / "humaneval_code.jsonl"
 CHAT_TEMPLATE = Path(__file__).resolve().parent / "tiny_chat_template.jinja"
 LOG_DIR = Path(os.environ.get("SERVING_LOG_DIR", "/tmp/serving-logs"))
 
