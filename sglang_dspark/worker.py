@@ -244,8 +244,6 @@ class DSparkWorker(DFlashWorkerV2):
         self._simulation = SimulatedAcceptance.from_env(os.environ, self.gamma, self.device)
         self._timer = StepTimer.from_env(os.environ)
         self._cpu_profile = CpuProfile.from_env(os.environ)
-        if os.environ.get(NO_SEQ_LENS_SYNC_ENV) == "1":
-            self._plan_from_upper_bounds()
         config = self._dspark_config()
         logger.info(
             "DSPARK worker: gamma=%d (draft width %d, verify width %d), %s draft %s, markov %s r=%d, "
@@ -254,6 +252,13 @@ class DSparkWorker(DFlashWorkerV2):
             server_args.speculative_draft_model_path, config.markov_head_type, config.markov_rank,
             "on" if config.enable_confidence_head else "off", self._mask_token_id,
         )
+
+    def init_attention_backends(self) -> None:
+        """The scheduler builds every worker's attention backends after the workers (and reads
+        ``needs_cpu_seq_lens`` after this): the place for the ``SGLANG_DSPARK_NO_SEQ_LENS_SYNC`` opt-out."""
+        super().init_attention_backends()
+        if os.environ.get(NO_SEQ_LENS_SYNC_ENV) == "1":
+            self._plan_from_upper_bounds()
 
     def _plan_from_upper_bounds(self) -> None:
         """``SGLANG_DSPARK_NO_SEQ_LENS_SYNC=1`` (experimental): the target's and the draft's FlashInfer backends

@@ -56,26 +56,34 @@ def test_fast_prefill_plan_passes_disable_split_kv(dspark_plugin):
         assert len(calls) == 1 and calls[0][-2] is disable and calls[0][-3] == -1  # no fixed split size given
 
 
-def test_no_seq_lens_sync_opt_out(dspark_plugin):
-    """``SGLANG_DSPARK_NO_SEQ_LENS_SYNC=1``: both FlashInfer backends opt out of the host seq_lens mirror; any
-    other backend is refused with the knob's name."""
+def test_no_seq_lens_sync_opt_out(dspark_plugin, monkeypatch):
+    """``SGLANG_DSPARK_NO_SEQ_LENS_SYNC=1``: once the scheduler has built the attention backends (after the
+    workers: ``init_attention_backends``), both FlashInfer backends opt out of the host seq_lens mirror; any
+    other backend is refused with the knob's name. Without the knob nothing changes."""
     from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 
     import sglang_dspark.worker as worker_module
 
-    def worker_with(*backends):
+    def init_backends(target, draft, env):
+        """The scheduler's order: the target worker's backends, then ``draft_worker.init_attention_backends()``
+        (DFLASH builds the draft runner's backend there)."""
+        draft_runner = types.SimpleNamespace()
         worker = object.__new__(worker_module.DSparkWorker)
         worker.__dict__.update(
-            _target_worker=types.SimpleNamespace(model_runner=types.SimpleNamespace(attn_backend=backends[0])),
-            draft_model_runner=types.SimpleNamespace(attn_backend=backends[1]),
+            _target_worker=types.SimpleNamespace(model_runner=types.SimpleNamespace(attn_backend=target)),
+            _draft_worker=types.SimpleNamespace(init_attention_backends=lambda: setattr(draft_runner, "attn_backend", draft)),
+            draft_model_runner=draft_runner,
         )
-        return worker
+        monkeypatch.setenv(worker_module.NO_SEQ_LENS_SYNC_ENV, env)
+        worker.init_attention_backends()
 
     target, draft = object.__new__(FlashInferAttnBackend), object.__new__(FlashInferAttnBackend)
     assert target.needs_cpu_seq_lens and draft.needs_cpu_seq_lens  # SGLang's default for FlashInfer
-    worker_with(target, draft)._plan_from_upper_bounds()
+    init_backends(target, draft, "0")
+    assert target.needs_cpu_seq_lens and draft.needs_cpu_seq_lens
+    init_backends(target, draft, "1")
     assert target.needs_cpu_seq_lens is False and draft.needs_cpu_seq_lens is False
     other = types.SimpleNamespace(needs_cpu_seq_lens=True)
     with pytest.raises(ValueError, match="SGLANG_DSPARK_NO_SEQ_LENS_SYNC=1 needs FlashInfer"):
-        worker_with(object.__new__(FlashInferAttnBackend), other)._plan_from_upper_bounds()
+        init_backends(object.__new__(FlashInferAttnBackend), other, "1")
     assert other.needs_cpu_seq_lens is True
