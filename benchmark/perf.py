@@ -12,8 +12,10 @@ One run measures one engine: its own no-speculation server and its DSPARK at sim
 ``ignore_eos``, ``2 x concurrency`` requests (3 at concurrency 1) after a warm-up; output tok/s = all
 completion tokens / wall time. ``--breakdown`` (ours) adds a server with ``SGLANG_DSPARK_STEP_TIMING``
 and records its per-phase step times per batch size (``sglang_dspark.timing``; its throughput is not a
-result, every timed step synchronises). ``--nosync`` (ours) adds the DSPARK settings again with
-``SGLANG_DSPARK_NO_SEQ_LENS_SYNC=1`` (named ``acc1-nosync`` etc.).
+result, every timed step synchronises). Our DSPARK settings verify every draft
+(``--speculative-dspark-verify full``), as SGLang 0.5.17 does; ``--scheduled`` (ours) adds them again with
+confidence-scheduled verification, the product's default (named ``acc1-sched`` etc.), and ``--nosync``
+(ours) with ``SGLANG_DSPARK_NO_SEQ_LENS_SYNC=1`` (``acc1-nosync`` etc.).
 
 Writes ``$OUT/perf-<engine>.json``: command, commit, date, device, server flags, and per setting and
 concurrency the throughput, the speedup over this run's no-speculation server and the measured accept
@@ -57,17 +59,26 @@ SPEC_ARGS = [
 TIMING_RE = re.compile(r"DSPARK step timing bs=(\d+) steps=(\d+): (.*) ms")
 
 
-def settings(engine: str, breakdown: bool, nosync: bool = False) -> list[tuple[str, dict[str, str]]]:
-    """(name, server env) per setting; "baseline" is no speculation."""
-    card = ({"SGLANG_DSPARK_SIMULATE_ACC_PROFILE": ",".join(map(str, CARD_PROFILE))} if engine == "ours"
+Setting = tuple[str, dict[str, str], list[str]]  # (name, server env, DSPARK flags beyond SPEC_ARGS)
+FULL = ["--speculative-dspark-verify", "full"]
+
+
+def settings(engine: str, breakdown: bool, nosync: bool = False, scheduled: bool = False) -> list[Setting]:
+    """(name, server env, extra DSPARK flags) per setting; "baseline" is no speculation."""
+    ours = engine == "ours"
+    card = ({"SGLANG_DSPARK_SIMULATE_ACC_PROFILE": ",".join(map(str, CARD_PROFILE))} if ours
             else {"SGLANG_SIMULATE_ACC_LEN": f"{1 + sum(CARD_PROFILE):.3f}"})
-    rows = [("baseline", {}), ("acc1", {"SGLANG_SIMULATE_ACC_LEN": "1"}),
-            ("acc3", {"SGLANG_SIMULATE_ACC_LEN": "3"}), ("acc2", {"SGLANG_SIMULATE_ACC_LEN": "2"}),
-            ("card", card)]
+    flags = FULL if ours else []
+    rows = [("baseline", {}, []), ("acc1", {"SGLANG_SIMULATE_ACC_LEN": "1"}, flags),
+            ("acc3", {"SGLANG_SIMULATE_ACC_LEN": "3"}, flags), ("acc2", {"SGLANG_SIMULATE_ACC_LEN": "2"}, flags),
+            ("card", card, flags)]
+    dspark = rows[1:5]
     if breakdown:
-        rows.append(("breakdown", {**card, "SGLANG_DSPARK_STEP_TIMING": "100"}))
+        rows.append(("breakdown", {**card, "SGLANG_DSPARK_STEP_TIMING": "100"}, flags))
     if nosync:
-        rows += [(f"{name}-nosync", {**env, "SGLANG_DSPARK_NO_SEQ_LENS_SYNC": "1"}) for name, env in rows[1:5]]
+        rows += [(f"{name}-nosync", {**env, "SGLANG_DSPARK_NO_SEQ_LENS_SYNC": "1"}, extra) for name, env, extra in dspark]
+    if scheduled and ours:
+        rows += [(f"{name}-sched", env, []) for name, env, _ in dspark]
     return rows
 
 
@@ -109,13 +120,15 @@ def main() -> int:
     parser.add_argument("--breakdown", action="store_true", help="ours: add the step-timing server (per-phase times per batch size)")
     parser.add_argument("--nosync", action="store_true",
                         help="ours: add acc1/acc3/acc2/card with SGLANG_DSPARK_NO_SEQ_LENS_SYNC=1 (experimental)")
+    parser.add_argument("--scheduled", action="store_true",
+                        help="ours: add acc1/acc3/acc2/card with scheduled verification (the default without FULL flags)")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds from start for the whole run")
     parser.add_argument("--wave", type=int, default=3, help="servers started together")
     args = parser.parse_args()
     t0 = float(os.environ.get("PERF_T0", time.time()))
     deadline = t0 + args.budget
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    rows = settings(args.engine, args.breakdown, args.nosync)
+    rows = settings(args.engine, args.breakdown, args.nosync, args.scheduled)
     if args.only:
         keep = set(args.only.split(","))
         rows = [r for r in rows if r[0] in keep]
@@ -127,15 +140,15 @@ def main() -> int:
     port = 33000
     for start in range(0, len(rows), args.wave):
         wave = []
-        for name, env in rows[start:start + args.wave]:
-            spec = [] if name == "baseline" else SPEC_ARGS
-            wave.append((name, env, Server(f"perf-{args.engine}-{name}", QWEN3_8B / "target", spec, port, env=env,
+        for name, env, extra in rows[start:start + args.wave]:
+            spec = [] if name == "baseline" else SPEC_ARGS + extra
+            wave.append((name, env, extra, Server(f"perf-{args.engine}-{name}", QWEN3_8B / "target", spec, port, env=env,
                                            log_dir=LOG_DIR, common_args=SERVER_ARGS)))
             port += 10
-        for _, _, server in wave:
+        for *_, server in wave:
             server.start()
-        for name, env, server in wave:
-            entry = results["settings"].setdefault(name, {"env": env, "points": []})
+        for name, env, extra, server in wave:
+            entry = results["settings"].setdefault(name, {"env": env, "flags": extra, "points": []})
             try:
                 server.start_timeout = (time.time() - server.started_at) + max(30.0, deadline - time.time() - 30)
                 server.wait_ready()

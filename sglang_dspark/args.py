@@ -7,6 +7,8 @@ SGLang calls, inside ``ServerArgs.__post_init__`` (arg_groups/speculative_hook.p
     speculative_dspark_block_size = gamma           (flag, else the draft's block_size, else 7)
     speculative_num_draft_tokens  = gamma + 1       (verify width: [bonus, d_1 .. d_gamma])
     speculative_num_steps = speculative_eagle_topk = 1
+    speculative_dspark_verify = "scheduled" | "full"  (scheduled needs the draft's confidence head)
+    speculative_dspark_cost_profile = "auto" | "builtin" | a readable cost profile file
     speculative_draft_attention_backend in SUPPORTED_DRAFT_ATTENTION_BACKENDS
     max_running_requests (48 unless given), enable_mixed_chunk = False
 
@@ -101,6 +103,7 @@ def handle_server_args(server_args: ServerArgs) -> None:
         ) from e
 
     check_tensor_parallel(server_args, draft_config)
+    resolve_verify_mode(server_args, draft_config)
     _resolve_draft_attention_backend(server_args)
     if server_args.max_running_requests is None:
         server_args.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
@@ -112,9 +115,38 @@ def handle_server_args(server_args: ServerArgs) -> None:
         server_args.enable_mixed_chunk = False
         logger.warning("DSPARK: mixed chunked prefill (--enable-mixed-chunk) is disabled.")
     logger.info(
-        "DSPARK: gamma=%d draft tokens, verify width %d, target layers %s, draft attention backend %s.",
-        gamma, gamma + 1, list(draft_config.target_layer_ids), server_args.speculative_draft_attention_backend,
+        "DSPARK: gamma=%d draft tokens, verify width %d (%s verification), target layers %s, draft attention "
+        "backend %s.",
+        gamma, gamma + 1, server_args.speculative_dspark_verify, list(draft_config.target_layer_ids),
+        server_args.speculative_draft_attention_backend,
     )
+
+
+def resolve_verify_mode(server_args: ServerArgs, draft_config: DSparkConfig) -> None:
+    """--speculative-dspark-verify: scheduled by default when the draft has a confidence head; a cost profile
+    file given with --speculative-dspark-cost-profile is read here, so a bad one fails at launch."""
+    from sglang_dspark.cost_profile import CostProfile, CostProfileError
+
+    mode = server_args.speculative_dspark_verify
+    has_head = draft_config.enable_confidence_head
+    if mode is None:
+        mode = "scheduled" if has_head else "full"
+    elif mode not in ("scheduled", "full"):
+        raise ValueError(f"--speculative-dspark-verify must be 'scheduled' or 'full', got {mode!r}.")
+    if mode == "scheduled" and not has_head:
+        raise ValueError(
+            f"--speculative-dspark-verify scheduled needs a draft with a confidence head: "
+            f"{server_args.speculative_draft_model_path} has none (key 'enable_confidence_head' is false); "
+            "use --speculative-dspark-verify full."
+        )
+    server_args.speculative_dspark_verify = mode
+    profile = server_args.speculative_dspark_cost_profile or "auto"
+    server_args.speculative_dspark_cost_profile = profile
+    if mode == "scheduled" and profile not in ("auto", "builtin"):
+        try:
+            CostProfile.load(profile)
+        except (OSError, CostProfileError) as e:
+            raise ValueError(f"--speculative-dspark-cost-profile {profile}: {e}") from e
 
 
 def resolve_gamma(server_args: ServerArgs, draft_config: DSparkConfig) -> int:

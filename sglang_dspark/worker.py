@@ -60,13 +60,22 @@ from sglang_dspark.accept import (
     target_token_at,
 )
 from sglang_dspark.config import DSparkConfig
+from sglang_dspark.cost_profile import CostProfile, builtin_profile
 from sglang_dspark.model import DSparkDraftModel
 from sglang_dspark.timing import CpuProfile, StepTimer
+from sglang_dspark.verify_width import (
+    CalibrationLog,
+    VerifyGraphs,
+    WidthPlanner,
+    graph_replay,
+    measure_profile,
+)
 
 logger = logging.getLogger("sglang_dspark")
 
 _DFLASH_LOGGER = "sglang.srt.speculative.dflash_worker_v2"
 NO_SEQ_LENS_SYNC_ENV = "SGLANG_DSPARK_NO_SEQ_LENS_SYNC"
+COST_PROFILE_OUT_ENV = "SGLANG_DSPARK_COST_PROFILE_OUT"
 
 
 class _DropDflashBlockSizeWarning(logging.Filter):
@@ -205,6 +214,10 @@ class DSparkWorker(DFlashWorkerV2):
     _sampler: Optional[DSparkDraftSampler] = None  # set while DFLASH captures its graphs (in __init__)
     _tp_group: Optional[GroupCoordinator] = None  # the TP group when --tp-size > 1 (see _from_tp_rank0)
     _cpu_profile: Optional[CpuProfile] = None  # SGLANG_DSPARK_CPU_PROFILE (benchmarking only)
+    _verify_graphs: Optional[VerifyGraphs] = None  # scheduled verification: verify graphs per width
+    _planner: Optional[WidthPlanner] = None  # scheduled verification: the width of each step
+    _calibration_log: Optional[CalibrationLog] = None  # SGLANG_DSPARK_CALIBRATION_LOG (measurement only)
+    PROFILE_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64)  # timed for --speculative-dspark-cost-profile auto
 
     def __init__(
         self,
@@ -244,13 +257,15 @@ class DSparkWorker(DFlashWorkerV2):
         self._simulation = SimulatedAcceptance.from_env(os.environ, self.gamma, self.device)
         self._timer = StepTimer.from_env(os.environ)
         self._cpu_profile = CpuProfile.from_env(os.environ)
+        self._calibration_log = CalibrationLog.from_env(os.environ) if self.tp_rank == 0 else None
         config = self._dspark_config()
         logger.info(
             "DSPARK worker: gamma=%d (draft width %d, verify width %d), %s draft %s, markov %s r=%d, "
-            "confidence head %s, mask token %d",
+            "confidence head %s, mask token %d, %s verification",
             self.gamma, self.gamma, self.verify_width, self.draft_model.checkpoint_format,
             server_args.speculative_draft_model_path, config.markov_head_type, config.markov_rank,
             "on" if config.enable_confidence_head else "off", self._mask_token_id,
+            server_args.speculative_dspark_verify,
         )
 
     def init_attention_backends(self) -> None:
@@ -259,6 +274,66 @@ class DSparkWorker(DFlashWorkerV2):
         super().init_attention_backends()
         if os.environ.get(NO_SEQ_LENS_SYNC_ENV) == "1":
             self._plan_from_upper_bounds()
+
+    def init_cuda_graphs(self) -> None:
+        """DFLASH's draft graphs, then (scheduled verification) the target's verify graphs for widths
+        ``1..gamma``, the cost profile and the width planner."""
+        super().init_cuda_graphs()
+        if self.server_args.speculative_dspark_verify != "scheduled":
+            return
+        self._verify_graphs = VerifyGraphs(self.target_worker.model_runner, range(1, self.gamma + 1))
+        cost = self._cost_profile()
+        self._planner = WidthPlanner(self.gamma, cost, self.device)
+        logger.info(
+            "DSPARK scheduled verification: verify graphs for widths %s, cost profile %s (%s): verify %s ms at "
+            "1/%d/%d tokens, draft %s ms at batch 1/%d",
+            sorted(self._verify_graphs.all_runners()) or "none (eager)", cost.source, cost.device,
+            "/".join(f"{cost.verify_ms(t):.2f}" for t in (1, 64, 512)), 64, 512,
+            "/".join(f"{cost.draft_ms(b):.2f}" for b in (1, 64)), 64,
+        )
+
+    def _cost_profile(self) -> CostProfile:
+        """--speculative-dspark-cost-profile: a file, the captured graphs timed now (auto), or the roofline
+        estimate (builtin, and auto without CUDA graphs). ``SGLANG_DSPARK_COST_PROFILE_OUT=PATH`` saves a
+        measured profile (the profiler command: start a server with it, then pass the file)."""
+        choice = self.server_args.speculative_dspark_cost_profile
+        target = self.target_worker.model_runner
+        if choice not in ("auto", "builtin"):
+            return CostProfile.load(choice)
+        if choice == "auto" and self._tp_group is not None:  # timings differ per rank; widths may not
+            logger.info("DSPARK: --tp-size > 1: cost profile 'auto' uses the builtin estimate on every rank.")
+        elif choice == "auto":
+            try:
+                profile = measure_profile(
+                    self._verify_graphs.all_runners(), self._draft_replay, self.PROFILE_BATCH_SIZES,
+                    device=torch.cuda.get_device_name(self.device), model=self.server_args.model_path,
+                    dtype=str(target.dtype).replace("torch.", ""),
+                )
+            except Exception as exc:  # noqa: BLE001 - the estimate still serves; say why
+                logger.warning("DSPARK: timing the CUDA graphs for the cost profile failed (%s: %s).",
+                               type(exc).__name__, exc)
+                profile = None
+            if profile is not None:
+                out = os.environ.get(COST_PROFILE_OUT_ENV)
+                if out and self.tp_rank == 0:
+                    profile.save(out)
+                    logger.info("DSPARK: cost profile written to %s", out)
+                return profile
+            logger.warning("DSPARK: no CUDA graphs to time for the cost profile; using the builtin estimate.")
+        draft_params = sum(p.numel() for p in self.draft_model.parameters()) + self._lm_head_weight.numel()
+        return builtin_profile(
+            target_params=float(sum(p.numel() for p in target.model.parameters())),
+            draft_params=float(draft_params), gamma=self.gamma,
+        )
+
+    def _draft_replay(self, bs: int) -> Optional[Callable[[], object]]:
+        """One draft pass at batch size ``bs`` from the captured graphs (backbone, then Markov/confidence), or
+        None when either graph is missing."""
+        backbone = graph_replay(self.draft_model_runner.decode_cuda_graph_runner, bs)
+        sampler = None if self._sampler is None else self._sampler.graphs.get((bs, "greedy"))
+        if backbone is None or sampler is None:
+            return None
+        return lambda: (backbone(), sampler.replay())
 
     def _plan_from_upper_bounds(self) -> None:
         """``SGLANG_DSPARK_NO_SEQ_LENS_SYNC=1`` (experimental): the target's and the draft's FlashInfer backends
@@ -396,32 +471,50 @@ class DSparkWorker(DFlashWorkerV2):
         greedy, inv_temperature, sampling = self._sampling(batch, bs)
         draws = torch.rand((bs, 2 * gamma + 2), device=self.device)
 
+        # Verify width W (W - 1 drafts per request): chosen from earlier steps only (scheduled verification).
+        width = self.verify_width if self._planner is None else self._planner.width(bs)
         ids, positions, cache_loc = self._verify_window(batch, draft_input.bonus_tokens)
         timer.mark("prepare")
-        hidden = self._draft_backbone(batch, draft_input, ids, positions, cache_loc)
-        if self._tp_group is not None:
-            draws, hidden = self._from_tp_rank0(draws, hidden)
-        timer.mark("draft")
-        block = self._draft_tokens(hidden, ids[:, 0], inv_temperature, greedy, draws[:, :gamma], sampling is None)
-        ids[:, 1:].copy_(block.tokens)
-        timer.mark("markov")
+        block = None
+        if width > 1:
+            hidden = self._draft_backbone(batch, draft_input, ids, positions, cache_loc)
+            if self._tp_group is not None:
+                draws, hidden = self._from_tp_rank0(draws, hidden)
+            timer.mark("draft")
+            block = self._draft_tokens(hidden, ids[:, 0], inv_temperature, greedy, draws[:, :gamma], sampling is None)
+            ids[:, 1:].copy_(block.tokens)
+            timer.mark("markov")
+        elif self._tp_group is not None:  # a plain decode step: the bonus draws still come from rank 0
+            draws, _ = self._from_tp_rank0(draws, self._lm_head_weight.new_empty((0,)))
+        drafts = ids[:, 1:]  # [bs, gamma]; past the verified W - 1 never accepted
+        ids, positions, cache_loc = (t[:, :width].contiguous() for t in (ids, positions, cache_loc))
         logits_output, can_run_cuda_graph = self._verify(batch, draft_input, ids, positions, cache_loc)
         timer.mark("verify")
 
         logits = logits_output.next_token_logits
         if batch.sampling_info is not None:
             apply_dflash_verify_logits_adjustments(
-                next_token_logits=logits, sampling_info=batch.sampling_info, draft_token_num=self.verify_width
+                next_token_logits=logits, sampling_info=batch.sampling_info, draft_token_num=width
             )
-        logits = logits.view(bs, self.verify_width, -1)
-        if self._simulation is not None:
-            accepted = self._simulation.accepted(draws[:, 2 * gamma + 1])
+        logits = logits.view(bs, width, -1)
+        if self._simulation is not None or block is None:
+            accepted = (
+                torch.zeros((bs,), dtype=torch.int64, device=self.device) if self._simulation is None
+                else self._simulation.accepted(draws[:, 2 * gamma + 1]).clamp(max=width - 1)
+            )
             bonus = target_token_at(logits, accepted, greedy, sampling, draws[:, 2 * gamma])
         else:
+            verified = width - 1
             accepted, bonus = accept_drafts(
-                block.tokens, logits, block.probs, greedy, sampling, draws[:, gamma : 2 * gamma], draws[:, 2 * gamma]
+                block.tokens[:, :verified], logits, None if block.probs is None else block.probs[:, :verified],
+                greedy, sampling, draws[:, gamma : gamma + verified], draws[:, 2 * gamma],
             )
-        layout = commit_layout(block.tokens, accepted, bonus, prefix_lens)
+        layout = commit_layout(drafts, accepted, bonus, prefix_lens)
+        if block is not None and block.confidence_logits is not None:
+            if self._planner is not None:
+                self._planner.observe(block.confidence_logits, accepted, width - 1)
+            if self._calibration_log is not None:
+                self._calibration_log.write(block.confidence_logits, accepted, width - 1)
         timer.mark("accept")
         if on_publish is not None:
             on_publish(layout.new_seq_lens)
@@ -598,23 +691,27 @@ class DSparkWorker(DFlashWorkerV2):
         positions: torch.Tensor,
         cache_loc: torch.Tensor,
     ) -> tuple[LogitsProcessorOutput, bool]:
-        """Target TARGET_VERIFY forward over ``[x_0, x_1..x_gamma]`` -> (logits output with the captured
-        hidden states, whether the target CUDA graph ran)."""
+        """Target TARGET_VERIFY forward over ``[x_0, x_1..x_{W-1}]`` (ids, positions, cache slots int64 ``[bs, W]``,
+        ``W`` the step's verify width) -> (logits output with the captured hidden states, whether a target CUDA
+        graph ran). Widths below gamma + 1 replay their own graphs (``VerifyGraphs``)."""
+        width = ids.shape[1]
         verify_input = DFlashVerifyInput(
             draft_token=ids.view(-1),
             positions=positions.view(-1),
-            draft_token_num=self.verify_width,
+            draft_token_num=width,
             custom_mask=None,
             capture_hidden_mode=CaptureHiddenMode.FULL,
         )
         batch.out_cache_loc = cache_loc.view(-1)
         seq_lens_cpu, seq_lens_sum = batch.seq_lens_cpu, batch.seq_lens_sum
-        batch.seq_lens_cpu, batch.seq_lens_sum = self._host_seq_lens(batch, draft_input, self.verify_width)
-        try:
-            verify_batch, _ = verify_input.prepare_for_verify(batch, self.target_worker)
-        finally:
-            batch.seq_lens_cpu, batch.seq_lens_sum = seq_lens_cpu, seq_lens_sum
-        out = self.target_worker.forward_batch_generation(
-            batch=None, forward_batch=verify_batch, is_verify=True, skip_attn_backend_init=True
-        )
+        batch.seq_lens_cpu, batch.seq_lens_sum = self._host_seq_lens(batch, draft_input, width)
+        graphs = self._verify_graphs.using(width) if self._verify_graphs is not None else contextlib.nullcontext()
+        with graphs:
+            try:
+                verify_batch, _ = verify_input.prepare_for_verify(batch, self.target_worker)
+            finally:
+                batch.seq_lens_cpu, batch.seq_lens_sum = seq_lens_cpu, seq_lens_sum
+            out = self.target_worker.forward_batch_generation(
+                batch=None, forward_batch=verify_batch, is_verify=True, skip_attn_backend_init=True
+            )
         return out.logits_output, out.can_run_cuda_graph

@@ -1,4 +1,5 @@
-"""``benchmark/perf.py``'s settings: the same DSPARK settings for both engines, the experimental no-sync copies."""
+"""``benchmark/perf.py``'s settings: the same DSPARK settings for both engines (ours verifying every draft, as
+0.5.17 does), the scheduled-verification and experimental no-sync copies."""
 
 from __future__ import annotations
 
@@ -21,12 +22,18 @@ def _perf(monkeypatch, tmp_path):
 
 def test_settings(monkeypatch, tmp_path):
     perf = _perf(monkeypatch, tmp_path)
-    names = [n for n, _ in perf.settings("ours", breakdown=True)]
+    names = [n for n, *_ in perf.settings("ours", breakdown=True)]
     assert names == ["baseline", "acc1", "acc3", "acc2", "card", "breakdown"]
-    ours, theirs = dict(perf.settings("ours", False)), dict(perf.settings("sglang-0.5.17", False))
-    assert ours["acc2"] == theirs["acc2"] == {"SGLANG_SIMULATE_ACC_LEN": "2"}
-    assert theirs["card"] == {"SGLANG_SIMULATE_ACC_LEN": "2.324"}  # 0.5.17 has no profile knob: the mean
-    rows = dict(perf.settings("ours", False, nosync=True))
+    ours = {n: (env, flags) for n, env, flags in perf.settings("ours", False)}
+    theirs = {n: (env, flags) for n, env, flags in perf.settings("sglang-0.5.17", False)}
+    assert ours["acc2"] == ({"SGLANG_SIMULATE_ACC_LEN": "2"}, perf.FULL)
+    assert theirs["acc2"] == ({"SGLANG_SIMULATE_ACC_LEN": "2"}, [])  # 0.5.17 verifies every draft anyway
+    assert ours["baseline"] == ({}, [])
+    assert theirs["card"][0] == {"SGLANG_SIMULATE_ACC_LEN": "2.324"}  # 0.5.17 has no profile knob: the mean
+    rows = {n: (env, flags) for n, env, flags in perf.settings("ours", False, nosync=True, scheduled=True)}
     assert sorted(n for n in rows if n.endswith("-nosync")) == ["acc1-nosync", "acc2-nosync", "acc3-nosync", "card-nosync"]
-    assert rows["acc3-nosync"] == {"SGLANG_SIMULATE_ACC_LEN": "3", "SGLANG_DSPARK_NO_SEQ_LENS_SYNC": "1"}
-    assert "SGLANG_DSPARK_NO_SEQ_LENS_SYNC" not in rows["acc3"]
+    assert rows["acc3-nosync"] == ({"SGLANG_SIMULATE_ACC_LEN": "3", "SGLANG_DSPARK_NO_SEQ_LENS_SYNC": "1"}, perf.FULL)
+    assert "SGLANG_DSPARK_NO_SEQ_LENS_SYNC" not in rows["acc3"][0]
+    assert sorted(n for n in rows if n.endswith("-sched")) == ["acc1-sched", "acc2-sched", "acc3-sched", "card-sched"]
+    assert rows["acc1-sched"] == ({"SGLANG_SIMULATE_ACC_LEN": "1"}, [])  # the default: scheduled verification
+    assert not any(n.endswith("-sched") for n, *_ in perf.settings("sglang-0.5.17", False, scheduled=True))

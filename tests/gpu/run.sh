@@ -11,7 +11,14 @@
 #        chunked prefill and a saturation phase on the tiny pair; within SERVING_BUDGET_S, default 500 s from this
 #        script's start; SERVING_SATURATION_S (120), SERVING_DETERMINISTIC=1 adds
 #        --enable-deterministic-inference and strict token identity; server logs in $SERVING_LOG_DIR
-#        (/tmp/serving-logs), packed into $OUT/serving-logs.tar.gz).
+#        (/tmp/serving-logs), packed into $OUT/serving-logs.tar.gz),
+#        issue6 (tests/gpu/issue6.py: confidence-scheduled vs full verification vs no speculation on the tiny pair,
+#        goodput at concurrency 1/8/32/64, a weak drafter made by benchmark/tiny/weaken.py, greedy identity under
+#        --enable-deterministic-inference, the calibration log through benchmark/analysis/calibration.py; within
+#        ISSUE6_BUDGET_S, default 500 s from this script's start; ISSUE6_ROUNDS (2) goodput rounds,
+#        ISSUE6_SKIP_IDENTITY=1 skips the identity part, ISSUE6_WEAK_NOISE (2.0), ISSUE6_WEAK_CONF_SHIFT (-3.0, or
+#        none); results $OUT/issue6.json and $OUT/issue6-calibration*; server logs in $ISSUE6_LOG_DIR
+#        (/tmp/issue6-logs), packed into $OUT/issue6-logs.tar.gz).
 #        Each fits in one 10-minute device command.
 # Writes $OUT/<test>.json (command, git commit, date, device, checks, raw numbers), $OUT/logs/*.log and
 # $OUT/run.json; exits non-zero when a check fails. issue4 keeps its logs in $ISSUE4_LOG_DIR
@@ -19,13 +26,14 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 # The command as recorded in the results files, with the knobs it ran under (budgets, switches).
-export DSPARK_GPU_COMMAND="$(env | grep -E '^(SERVING|ISSUE4)_[A-Z0-9_]+=' | grep -v '_T0=' | sort | tr '\n' ' ')bash tests/gpu/run.sh $*"
+export DSPARK_GPU_COMMAND="$(env | grep -E '^(SERVING|ISSUE4|ISSUE6)_[A-Z0-9_]+=' | grep -v '_T0=' | sort | tr '\n' ' ')bash tests/gpu/run.sh $*"
 export ISSUE4_T0=${ISSUE4_T0:-$(date +%s)}
 WHICH=${1:-smoke}
 shift $(( $# > 0 ? 1 : 0 ))
 export OUT=${SGL_RUN_OUT:-${OUT:-$PWD/gpu-out}}
 LOGS=$OUT/logs
 if [ "$WHICH" = issue4 ]; then export ISSUE4_LOG_DIR=${ISSUE4_LOG_DIR:-/tmp/issue4-logs}; LOGS=$ISSUE4_LOG_DIR; fi
+if [ "$WHICH" = issue6 ]; then export ISSUE6_LOG_DIR=${ISSUE6_LOG_DIR:-/tmp/issue6-logs}; LOGS=$ISSUE6_LOG_DIR; fi
 mkdir -p "$OUT" "$LOGS"
 log() { echo "[run.sh $(date +%H:%M:%S)] $*"; }
 : "${SGLANG_SITE:?run this through .device/sgl-run.sh, which unpacks SGLang and sets SGLANG_SITE}"
@@ -54,7 +62,8 @@ case "$WHICH" in
   more) run more python3 tests/gpu/smoke.py more ;;
   issue4) run issue4 python3 tests/gpu/issue4.py ;;
   serving) export SERVING_T0=${SERVING_T0:-$ISSUE4_T0}; run serving python3 tests/gpu/serving.py ;;
-  *) log "unknown WHICH=$WHICH (setup|smoke|more|unit|issue4|serving)"; exit 2 ;;
+  issue6) export ISSUE6_T0=${ISSUE6_T0:-$ISSUE4_T0}; run issue6 python3 tests/gpu/issue6.py ;;
+  *) log "unknown WHICH=$WHICH (setup|smoke|more|unit|issue4|serving|issue6)"; exit 2 ;;
 esac
 
 status=0

@@ -169,7 +169,8 @@ def check_worker_step(report: Report) -> None:
             prev = g[prev]
             tokens.append(prev)
         tokens = torch.stack(tokens, 1)
-        return accept.DraftBlock(tokens, None if all_greedy else torch.nn.functional.one_hot(tokens, vocab).float(), None)
+        probs = None if all_greedy else torch.nn.functional.one_hot(tokens, vocab).float()
+        return accept.DraftBlock(tokens, probs, torch.zeros(tokens.shape, dtype=torch.float32))
 
     seen = {}
 
@@ -288,6 +289,38 @@ def check_worker_step(report: Report) -> None:
               and result.accept_lens.tolist() == [2, 2, 2])
         report.check("worker step without host lengths: draft and verify planned from the reserved bounds", ok,
                      None if ok else {"draft": seen["draft"].seq_lens_cpu.tolist(), "verify": verify_host_lens})
+        # Scheduled verification: the planner's width W verifies W - 1 drafts; W = 1 drafts nothing at all.
+        worker._sampler, worker._simulation = None, None
+
+        class Planner:  # WidthPlanner's interface, with a fixed width
+            def __init__(self, width):
+                self.fixed, self.observed = width, []
+
+            def width(self, bs):
+                return self.fixed
+
+            def observe(self, confidence_logits, accepted, verified):
+                self.observed.append((tuple(confidence_logits.shape), accepted.tolist(), verified))
+
+        for width in (3, 1):
+            worker._planner = planner = Planner(width)
+            seen.pop("draft", None)
+            result = worker._decode(batch(bonus, prefix, [True, True, True]), None)
+            want = [min(expected(b)[0], width - 1) for b in bonus]
+            out = result.next_token_ids.view(3, gamma + 1)
+            rows = [[int(x) for x in _chain(f, b, a + 1)] for b, a in zip(bonus, want)]  # a drafts, then f's token
+            ok = (result.accept_lens.tolist() == [a + 1 for a in want]
+                  and all(out[i, : a + 1].tolist() == rows[i] for i, a in enumerate(want))
+                  and seen["verify_ids"].shape == (3 * width,) and seen["verify_ids"].view(3, width)[:, 0].tolist() == bonus
+                  and ("draft" in seen) == (width > 1)
+                  and committed["positions"].view(3, width).tolist() == [[p + k for k in range(width)] for p in prefix]
+                  and committed["commit_lens"].tolist() == result.accept_lens.tolist()
+                  and planner.observed == ([((3, gamma), want, width - 1)] if width > 1 else []))
+            report.check(f"worker step (scheduled width {width}): {width - 1} drafts verified"
+                         + (", no draft pass" if width == 1 else ", planner observes the step"), ok,
+                         None if ok else {"accept_lens": result.accept_lens.tolist(), "want": want, "out": out.tolist(),
+                                          "observed": planner.observed})
+        worker._planner = None
 
 
 def _chain(f: torch.Tensor, start: int, n: int) -> list[int]:

@@ -161,3 +161,42 @@ def test_unusable_draft_directory_is_rejected_naming_it(dspark_plugin, model_dir
     expected = {"missing": "no such directory", "no config": "cannot read the draft's config.json",
                 "bad json": "not a valid JSON file"}[problem]
     assert expected in message, message
+
+
+def test_verification_mode_defaults_to_scheduled_with_a_confidence_head(parse, tmp_path):
+    args = parse()
+    assert (args.speculative_dspark_verify, args.speculative_dspark_cost_profile) == ("scheduled", "auto")
+    assert parse("--speculative-dspark-verify", "full").speculative_dspark_verify == "full"
+    no_head = draft_config(enable_confidence_head=False, confidence_head_with_markov=False)
+    assert parse(draft=no_head).speculative_dspark_verify == "full"
+    with pytest.raises(ValueError, match="--speculative-dspark-verify scheduled needs a draft with a confidence "
+                                         "head.*'enable_confidence_head' is false"):
+        parse("--speculative-dspark-verify", "scheduled", draft=no_head)
+    with pytest.raises(SystemExit):  # argparse choices
+        parse("--speculative-dspark-verify", "sometimes")
+
+
+def test_cost_profile_file_is_read_at_launch(parse, tmp_path):
+    from sglang_dspark.cost_profile import CostProfile
+
+    good = tmp_path / "cost.json"
+    CostProfile(points=((1, 6.0), (64, 7.0)), draft_points=((1, 1.0),)).save(good)
+    assert parse("--speculative-dspark-cost-profile", str(good)).speculative_dspark_cost_profile == str(good)
+    assert parse("--speculative-dspark-cost-profile", "builtin").speculative_dspark_cost_profile == "builtin"
+    with pytest.raises(ValueError, match=f"--speculative-dspark-cost-profile {tmp_path}/missing.json: .*not found"):
+        parse("--speculative-dspark-cost-profile", str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "sglang-dspark-cost-profile", "version": 1, "points": [[1, 6.0]]}')
+    with pytest.raises(ValueError, match="bad.json.*'points' needs at least 2 points"):
+        parse("--speculative-dspark-cost-profile", str(bad))
+
+
+def test_help_documents_the_verification_flags(dspark_plugin):
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    text = " ".join(parser.format_help().split())
+    assert "--speculative-dspark-verify {scheduled,full}" in text
+    assert "'full': verify all gamma drafts every step." in text
+    assert "--speculative-dspark-cost-profile" in text

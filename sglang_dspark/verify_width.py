@@ -1,0 +1,251 @@
+"""Confidence-scheduled verification in the server: one verify width per decode step (spec D).
+
+Each step verifies ``W - 1`` drafts of every request in the batch (``W`` tokens per request: the anchor and
+the drafts), ``W`` in ``1..gamma + 1``, chosen on the host before the step from what the previous steps
+measured, so choosing it adds no host synchronisation:
+
+* ``WidthPlanner`` keeps, on the device, a calibration of the confidence head (per draft position ``k``: the
+  decayed sums of predicted conditional confidences ``sigmoid(c_k)`` and of acceptances over the verified
+  requests that reached ``k``; their ratio rescales the head, so an over- or under-confident head, or a
+  drafter that got worse, is corrected by what verification measures). After every drafted step it turns
+  the batch's calibrated survivals ``s_{b,k} = prod_{j<=k} min(1, r_j sigmoid(c_{b,j}))`` into the expected
+  accepted drafts per request for every width, ``G[W] = mean_b sum_{k<W} s_{b,k}``, and copies those
+  ``gamma + 1`` numbers to pinned host memory without blocking. The next step reads them if the copy has
+  landed (else the older ones) and takes the width maximising expected committed tokens per millisecond::
+
+      theta(W) = bs * (1 + G[W]) / (draft_ms(bs) * [W > 1] + verify_ms(bs * W))
+
+  with the cost profile (``sglang_dspark.cost_profile``). ``W = 1`` is a plain decode step: nothing is
+  drafted, so nothing new is measured; every ``probe`` such steps (doubling while the answer stays 1) one
+  step drafts and verifies ``W = 2`` to measure again.
+* ``VerifyGraphs`` holds the target's ``TARGET_VERIFY`` CUDA graphs for widths ``1..gamma`` (SGLang's own
+  runner holds ``gamma + 1``), each with an attention backend of its own, and times them for the cost
+  profile (``measure_profile``).
+
+Lossless: the width of a step depends only on earlier steps, never on the drafts it verifies, so greedy
+output is unchanged and rejection sampling stays exact for any width (spec D.2). The per-request ragged
+lengths of ``sglang_dspark.verify_schedule`` are not used here: one width per step keeps SGLang's
+fixed-width verify graphs and attention plans.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import statistics
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+import torch
+
+from sglang_dspark.cost_profile import CostProfile
+
+logger = logging.getLogger("sglang_dspark")
+
+CALIBRATION_LOG_ENV = "SGLANG_DSPARK_CALIBRATION_LOG"
+
+
+class WidthPlanner:
+    """Per-step verify width from lagged, calibrated confidences (module docstring).
+
+    ``decay`` is per observed sample (0.99: the calibration follows roughly the last 100 requests that
+    reached a position); ``probe`` is (first, largest) number of plain decode steps between two probes.
+    """
+
+    def __init__(
+        self, gamma: int, cost: CostProfile, device: torch.device | str, *, decay: float = 0.99,
+        probe: tuple[int, int] = (4, 32),
+    ) -> None:
+        self.gamma = gamma
+        self.cost = cost
+        self.decay = decay
+        self.probe_first, self.probe_max = probe
+        # Calibration sums per position, float32 [gamma], starting at one pseudo-observation of ratio 1.
+        self.predicted = torch.ones((gamma,), dtype=torch.float32, device=device)
+        self.accepted = torch.ones((gamma,), dtype=torch.float32, device=device)
+        pin = torch.device(device).type == "cuda"
+        self._gains_host = torch.zeros((gamma + 2,), dtype=torch.float32, pin_memory=pin)
+        self._copied: Optional[torch.cuda.Event] = None
+        self.gains: Optional[list[float]] = None  # G[W] for W = 0..gamma + 1 (index 0 unused); None: no data yet
+        self._plain_steps = 0
+        self._probe_every = self.probe_first
+
+    def theta(self, bs: int, width: int, gains: Sequence[float]) -> float:
+        """Expected committed tokens per ms of a step of ``bs`` requests verifying ``width`` tokens each."""
+        draft = self.cost.draft_ms(bs) if width > 1 else 0.0
+        return bs * (1.0 + gains[width]) / (draft + self.cost.verify_ms(bs * width))
+
+    def width(self, bs: int) -> int:
+        """The verify width (``1..gamma + 1``) of the next step of ``bs`` requests: host only, no sync."""
+        self._poll()
+        if self.gains is None:  # nothing measured yet: verify everything
+            return self.gamma + 1
+        best = max(range(1, self.gamma + 2), key=lambda w: self.theta(bs, w, self.gains))
+        if best > 1:
+            self._plain_steps, self._probe_every = 0, self.probe_first
+            return best
+        self._plain_steps += 1
+        if self._plain_steps < self._probe_every:
+            return 1
+        self._plain_steps, self._probe_every = 0, min(2 * self._probe_every, self.probe_max)
+        return 2
+
+    def _poll(self) -> None:
+        if self._copied is not None and self._copied.query():
+            self.gains = self._gains_host.tolist()
+            self._copied = None
+
+    def observe(self, confidence_logits: torch.Tensor, accepted: torch.Tensor, verified: int) -> None:
+        """After a step that verified ``verified`` (>= 1) drafts per request: update the calibration with
+        the head's logits float ``[bs, gamma]`` and the accepted counts int ``[bs]``, then publish ``G`` for
+        the next step (device work and a non-blocking copy only)."""
+        positions = torch.arange(verified, device=accepted.device)
+        confidence = torch.sigmoid(confidence_logits[:, :verified].float())
+        reached = (positions <= accepted[:, None]).float()  # [bs, verified]: drafts 1..k-1 were accepted
+        hits = (positions < accepted[:, None]).float()
+        keep = torch.pow(self.decay, reached.sum(0))  # [verified]: decay per sample seen at each position
+        self.predicted[:verified].mul_(keep).add_((confidence * reached).sum(0))
+        self.accepted[:verified].mul_(keep).add_(hits.sum(0))
+        ratio = self.accepted / self.predicted  # [gamma]
+        conditional = (torch.sigmoid(confidence_logits.float()) * ratio).clamp_(max=1.0)
+        survival = conditional.cumprod(dim=-1)  # [bs, gamma]
+        gains = torch.zeros((self.gamma + 2,), dtype=torch.float32, device=accepted.device)
+        gains[2:] = survival.cumsum(-1).mean(0)  # G[W] = expected accepted drafts when verifying W - 1
+        self._gains_host.copy_(gains, non_blocking=True)
+        if gains.is_cuda:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        else:
+            self.gains = self._gains_host.tolist()
+
+    def calibration(self) -> list[float]:
+        """Measured / predicted acceptance per position (host copy: synchronises; for logs and tests)."""
+        return (self.accepted / self.predicted).tolist()
+
+
+class VerifyGraphs:
+    """The target's ``TARGET_VERIFY`` attention backends and CUDA graphs for verify widths ``1..gamma``.
+
+    SGLang's ``DecodeCudaGraphRunner`` captures one width (``--speculative-num-draft-tokens``, here
+    ``gamma + 1``); this builds one attention backend per width (backends keep their plans per batch size,
+    and the deterministic verify plans ``W`` decode rows per request) and, when SGLang captured its graphs,
+    one more runner per width, sharing SGLang's graph memory pool and input buffers. ``using(width)`` puts a
+    width's backend and runner in place of the model runner's for one verify forward, so SGLang's own verify
+    path (``prepare_for_verify``, ``ModelRunner.forward``) plans and replays them. Without captured graphs
+    (``--disable-cuda-graph``) every width runs eagerly on its backend.
+    """
+
+    def __init__(self, model_runner: Any, widths: Sequence[int]) -> None:
+        from sglang.srt.model_executor.runner.decode_cuda_graph_runner import DecodeCudaGraphRunner
+
+        self.model_runner = model_runner
+        self.default = (model_runner.attn_backend, model_runner.decode_cuda_graph_runner)
+        self.default_width = int(model_runner.server_args.speculative_num_draft_tokens)
+        self.backends: dict[int, Any] = {}
+        self.runners: dict[int, Any] = {}
+        graphs = isinstance(self.default[1], DecodeCudaGraphRunner)
+        for width in widths:
+            backend = model_runner._get_attention_backend()
+            if getattr(backend, "verify_decode_rows", 0):  # deterministic DSPARK verify: W decode rows
+                backend.verify_decode_rows = width
+            self.backends[width] = backend
+            if graphs:
+                self.runners[width] = type(self.default[1])(
+                    model_runner, attn_backend=backend, speculative_num_draft_tokens=width
+                )
+
+    @contextlib.contextmanager
+    def using(self, width: int) -> Iterator[None]:
+        backend = self.backends.get(width)
+        if backend is None:
+            yield
+            return
+        runner = self.runners.get(width, self.default[1])
+        self.model_runner.attn_backend, self.model_runner.decode_cuda_graph_runner = backend, runner
+        try:
+            yield
+        finally:
+            self.model_runner.attn_backend, self.model_runner.decode_cuda_graph_runner = self.default
+
+    def all_runners(self) -> dict[int, Any]:
+        runners = dict(self.runners)
+        if self.runners:
+            runners[self.default_width] = self.default
+        return runners
+
+
+def time_ms(replay: Callable[[], object], repeats: int = 5, warmup: int = 2) -> float:
+    """Median GPU time of ``replay()`` in ms (CUDA events; synchronises)."""
+    for _ in range(warmup):
+        replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def graph_replay(runner: Any, bs: int) -> Optional[Callable[[], object]]:
+    """A callable running ``runner``'s captured graph of batch size ``bs`` the way serving does (SGLang's
+    ``execute``: attention planned, graph replayed) on the runner's capture-time dummy batch, or None when
+    the runner captured no such graph."""
+    if bs not in getattr(runner, "capture_bs", ()):
+        return None
+    forward_batch, _, _ = runner.capture_prepare(bs)
+    return lambda: runner.execute(forward_batch)
+
+
+def measure_profile(
+    verify_runners: dict[int, Any], draft_replay: Callable[[int], Optional[Callable[[], object]]],
+    batch_sizes: Sequence[int], *, device: str, model: str, dtype: str,
+) -> Optional[CostProfile]:
+    """Cost profile from the captured graphs: ``verify_ms`` over total tokens ``bs * W`` (median over the
+    (bs, W) pairs giving the same total) and ``draft_ms`` over ``bs`` (``draft_replay(bs)`` replays one draft
+    pass). Attention runs at the capture-time (dummy) lengths, so the profile leaves out attention's growth
+    with context (about the same for every width at a given batch size). None when no graph could be timed."""
+    by_tokens: dict[int, list[float]] = {}
+    draft_points = []
+    for bs in batch_sizes:
+        for width, runner in sorted(verify_runners.items()):
+            replay = graph_replay(runner, bs)
+            if replay is not None:
+                by_tokens.setdefault(bs * width, []).append(time_ms(replay))
+        draft = draft_replay(bs)
+        if draft is not None:
+            draft_points.append((bs, time_ms(draft)))
+    if len(by_tokens) < 2:
+        return None
+    points = tuple((t, statistics.median(ms)) for t, ms in sorted(by_tokens.items()))
+    return CostProfile(
+        points=points, draft_points=tuple(draft_points), device=device, model=model, dtype=dtype,
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"), source="measured",
+        meta={"how": "captured CUDA graphs executed at start-up on their dummy batches"},
+    )
+
+
+class CalibrationLog:
+    """``SGLANG_DSPARK_CALIBRATION_LOG=PATH``: one JSON line per request of every drafted step,
+    ``{"confidence": [sigmoid(c_1)..sigmoid(c_gamma)], "accepted": a, "verified": L}`` (the step records of
+    ``benchmark/analysis/calibration.py``), line-buffered so the file can be read while the server runs. It
+    copies the step's confidences to the host (a synchronisation): for measurement, not for serving."""
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "a", buffering=1)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Optional["CalibrationLog"]:
+        path = env.get(CALIBRATION_LOG_ENV)
+        return cls(path) if path else None
+
+    def write(self, confidence_logits: torch.Tensor, accepted: torch.Tensor, verified: int) -> None:
+        """confidence_logits float ``[bs, gamma]``, accepted int ``[bs]``, ``verified`` drafts per request."""
+        confidence = torch.sigmoid(confidence_logits.float()).tolist()
+        for row, a in zip(confidence, accepted.tolist()):
+            record = {"confidence": [round(c, 5) for c in row], "accepted": int(a), "verified": verified}
+            self._file.write(json.dumps(record) + "\n")

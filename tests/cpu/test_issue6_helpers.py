@@ -1,0 +1,163 @@
+"""The pure parts of ``tests/gpu/issue6.py`` (goodput points, tables, ratio checks, calibration-log summary, budget
+estimates, environment knobs) and its checks on made-up measurements: they pass on good numbers and fail on bad
+ones. The GPU script is imported, not run."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+GPU_TESTS = Path(__file__).resolve().parents[1] / "gpu"
+KNOBS = ("ISSUE6_WEAK_CONF_SHIFT", "ISSUE6_WEAK_NOISE", "ISSUE6_ROUNDS", "ISSUE6_SKIP_IDENTITY", "ISSUE6_BUDGET_S")
+
+
+@pytest.fixture
+def load_issue6(monkeypatch, tmp_path):
+    """``load_issue6(**env)`` -> the ``issue6`` module imported afresh under those environment variables."""
+    monkeypatch.syspath_prepend(str(GPU_TESTS))
+    monkeypatch.setenv("OUT", str(tmp_path))
+
+    def load(**env: str):
+        for name in KNOBS:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        for name in ("harness", "issue6"):
+            sys.modules.pop(name, None)  # both read the environment at import
+        module = importlib.import_module("issue6")
+        # Report() records the machine (torch, sglang, git); the checks under test need none of it.
+        monkeypatch.setattr(sys.modules["harness"], "environment", lambda: {"command": "test"})
+        return module
+
+    yield load
+    for name in ("harness", "issue6"):
+        sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def issue6(load_issue6):
+    return load_issue6()
+
+
+def meta(tokens: int, verify: int | None) -> dict:
+    return {"completion_tokens": tokens, "spec_verify_ct": verify}
+
+
+def point(issue6, c: int, tok_s: float, accept: float | None = None) -> dict:
+    """A goodput point of one request, 1 s wall time, ``tok_s`` output tok/s (``accept`` tokens per verify step)."""
+    tokens = int(tok_s)
+    return issue6.point_stats([meta(tokens, round(tokens / accept) if accept else None)], 1.0, c, tokens)
+
+
+def test_knobs(load_issue6):
+    mod = load_issue6()
+    assert mod.WEAK_CONF_SHIFT == -3.0 and mod.WEAK_NOISE == 2.0 and mod.ROUNDS == 2 and not mod.SKIP_IDENTITY
+    mod = load_issue6(ISSUE6_WEAK_CONF_SHIFT="none", ISSUE6_WEAK_NOISE="4", ISSUE6_SKIP_IDENTITY="1")
+    assert mod.WEAK_CONF_SHIFT is None and mod.WEAK_NOISE == 4.0 and mod.SKIP_IDENTITY
+    assert mod.CONCURRENCIES == (1, 8, 32, 64)
+    assert "--max-running-requests" in mod.TINY_ARGS and "--cuda-graph-max-bs-decode" in mod.TINY_ARGS
+    args = mod.dspark_args(Path("/d"), "full")
+    assert args[args.index("--speculative-dspark-verify") + 1] == "full"
+
+
+def test_point_stats_and_requests(issue6):
+    assert [issue6.requests_for(c) for c in (1, 8, 32, 64)] == [4, 16, 64, 128]
+    p = issue6.point_stats([meta(256, 64), meta(256, 64)], 2.0, 8, 256)
+    assert p["output_tok_s"] == 256.0 and p["accept_length"] == 4.0 and p["verify_ct"] == 128 and p["complete"]
+    p = issue6.point_stats([meta(256, None), meta(200, None)], 4.0, 1, 256)
+    assert p["accept_length"] is None and not p["complete"] and p["output_tok_s"] == 114.0
+
+
+def test_goodput_table_takes_the_best_round(issue6):
+    points = {"full": {1: [{"output_tok_s": 100.0}, {"output_tok_s": 110.0}], 8: [{"output_tok_s": None}]},
+              "nospec": {1: [{"output_tok_s": 90.0}]}}
+    assert issue6.goodput_table(points) == {"full": {1: 110.0}, "nospec": {1: 90.0}}
+
+
+def test_ratio_rows_pass_fail_and_missing(issue6):
+    table = {"scheduled": {1: 100.0, 8: 97.0, 32: 96.9}, "full": {1: 90.0, 8: 100.0, 32: 100.0, 64: 50.0}}
+    rows = issue6.ratio_rows(table, "scheduled", "full", (1, 8, 32, 64), 0.97)
+    assert [r["ok"] for r in rows] == [True, True, False, False]
+    assert rows[0]["ratio"] == pytest.approx(1.1111, abs=1e-4) and rows[2]["ratio"] == 0.969
+    assert rows[3]["ratio"] is None and rows[3]["scheduled"] is None and rows[3]["full"] == 50.0
+
+
+def test_format_table_shows_ratios_to_the_base(issue6):
+    text = issue6.format_table({"nospec": {1: 100.0, 8: 200.0}, "scheduled": {1: 150.0}}, (1, 8), "nospec")
+    lines = text.splitlines()
+    assert lines[0].split() == ["tok/s", "c1", "c8"]
+    assert lines[1].split() == ["nospec", "100.0", "200.0"]
+    assert lines[2].split() == ["scheduled", "150.0", "(1.50x)", "-"]
+
+
+def test_records_summary(issue6):
+    rows = [{"confidence": [0.9] * 7, "accepted": 2, "verified": 3}, {"confidence": [0.5] * 7, "accepted": 0,
+                                                                      "verified": 0},
+            {"confidence_logits": [1.0] * 7, "accepted": 7}]
+    s = issue6.records_summary(rows)
+    assert s["steps"] == 3 and s["gamma"] == 7 and s["verified_histogram"] == [1, 0, 0, 1, 0, 0, 0, 1]
+    assert s["mean_verified"] == pytest.approx(10 / 3, abs=1e-4) and s["mean_accepted"] == 3.0
+    assert issue6.records_summary([]) == {"steps": 0}
+
+
+def test_estimates(issue6):
+    assert issue6.point_estimate([], 1) == issue6.DEFAULT_POINT_S[1]
+    assert issue6.point_estimate([{"wall_s": 2.0}, {"wall_s": 4.0}], 8) == pytest.approx(5.2)
+    points = {1: [{"wall_s": 10.0}], 8: [{"wall_s": 1.0}]}
+    assert issue6.round_estimate(points, (1, 8, 32)) == pytest.approx(13.0 + 1.3 + issue6.DEFAULT_POINT_S[32])
+    state = {"a": {"points": points, "up": True}, "b": {"points": {}, "up": False}, "c": {"points": {}}}
+    assert issue6.rounds_need(state, ("a", "b", "c", "missing")) == pytest.approx(
+        issue6.round_estimate(points, issue6.CONCURRENCIES) + issue6.round_estimate({}, issue6.CONCURRENCIES), abs=0.1)
+
+
+def fake_state(issue6, goodput: dict[str, dict[int, float]], accept: dict[str, float]) -> dict:
+    return {name: {"points": {c: [point(issue6, c, v, accept.get(name))] for c, v in by_c.items()}}
+            for name, by_c in goodput.items()}
+
+
+def test_part_a_checks_pass_and_fail(issue6):
+    base = {1: 400.0, 8: 3000.0, 32: 9000.0, 64: 14000.0}
+    good = {"nospec": base, "full": {c: v * 1.2 for c, v in base.items()},
+            "scheduled": {c: v * 1.25 for c, v in base.items()}}
+    report = issue6.Report("issue6-test")
+    issue6.part_a_checks(report, fake_state(issue6, good, {"full": 4.5, "scheduled": 4.2}))
+    assert report.ok, report.data["checks"]
+    part = report.data["results"]["part_a"]
+    assert part["gain_scheduled_over_full_c64"] == pytest.approx(1.25 / 1.2 - 1, abs=1e-3)
+    assert part["accept_length"]["full"] == pytest.approx(4.5, abs=0.01)
+
+    bad = {**good, "scheduled": {**good["scheduled"], 64: good["full"][64] * 0.95}}  # 5 % below full at 64
+    report = issue6.Report("issue6-test")
+    issue6.part_a_checks(report, fake_state(issue6, bad, {}))
+    failed = [c["name"] for c in report.data["checks"] if not c["ok"]]
+    assert failed == ["part a: scheduled goodput >= full x 0.97 at concurrency 1, 8, 32, 64"]
+
+    missing = {**good, "scheduled": {c: v for c, v in good["scheduled"].items() if c != 32}}
+    report = issue6.Report("issue6-test")
+    issue6.part_a_checks(report, fake_state(issue6, missing, {}))
+    assert not report.ok and len([c for c in report.data["checks"] if not c["ok"]]) == 3
+
+
+def test_part_b_checks_pass_and_fail(issue6):
+    base = {1: 400.0, 8: 3000.0, 32: 9000.0, 64: 14000.0}
+    weak = {"nospec": base, "weak-full": {c: v * 0.5 for c, v in base.items()},
+            "weak-sched": {c: v * 0.95 for c, v in base.items()}}
+    report = issue6.Report("issue6-test")
+    issue6.part_b_checks(report, fake_state(issue6, weak, {"weak-full": 1.05, "weak-sched": 1.02}), {"weak": {}})
+    assert report.ok, report.data["checks"]
+    assert report.data["results"]["part_b"]["weak_full_over_nospec"][3]["ratio"] == 0.5
+
+    slow = {**weak, "weak-sched": {**weak["weak-sched"], 32: base[32] * 0.85}}
+    report = issue6.Report("issue6-test")
+    issue6.part_b_checks(report, fake_state(issue6, slow, {"weak-full": 2.0}), {"weak": {}})
+    failed = [c["name"] for c in report.data["checks"] if not c["ok"]]
+    assert len(failed) == 2 and failed[0].startswith("part b premise") and "x 0.90 at concurrency 32, 64" in failed[1]
+
+
+def test_run_sh_wires_issue6():
+    text = (GPU_TESTS / "run.sh").read_text()
+    assert "issue6) export ISSUE6_T0=${ISSUE6_T0:-$ISSUE4_T0}; run issue6 python3 tests/gpu/issue6.py ;;" in text
+    assert "(SERVING|ISSUE4|ISSUE6)_[A-Z0-9_]+=" in text

@@ -1,0 +1,108 @@
+"""``sglang_dspark.verify_width.WidthPlanner``: the per-step verify width of scheduled verification, from lagged
+and calibrated confidences and the cost profile (CPU: the published gains land at once)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sglang_dspark.cost_profile import CostProfile
+from sglang_dspark.verify_width import CalibrationLog, WidthPlanner, measure_profile
+
+GAMMA = 7
+# A memory-bound target up to 64 tokens (flat 10 ms), then compute-bound (+0.05 ms per token); draft 2 ms.
+COST = CostProfile(points=((1, 10.0), (64, 10.0), (1024, 58.0)), draft_points=((1, 2.0), (64, 2.0)))
+
+
+def observe(planner: WidthPlanner, confidence: float, accepted: list[int], verified: int = GAMMA) -> None:
+    bs = len(accepted)
+    logits = torch.full((bs, GAMMA), torch.logit(torch.tensor(confidence)).item())
+    planner.observe(logits, torch.tensor(accepted), verified)
+
+
+def test_full_width_until_something_is_measured():
+    planner = WidthPlanner(GAMMA, COST, "cpu")
+    assert planner.gains is None and planner.width(1) == GAMMA + 1 and planner.width(64) == GAMMA + 1
+
+
+def test_good_drafts_full_width():
+    planner = WidthPlanner(GAMMA, COST, "cpu")
+    for _ in range(50):  # the head says 0.9 per position and every draft is accepted: calibration lifts it to 1
+        observe(planner, 0.9, [GAMMA] * 8)
+    assert planner.gains[GAMMA + 1] == pytest.approx(GAMMA, rel=0.02)
+    assert planner.width(1) == GAMMA + 1 and planner.width(64) == GAMMA + 1
+
+
+def test_width_falls_with_load():
+    """Drafts surviving with probability 0.7 each: worth all 7 at batch 1 (memory-bound), only 2 at batch 64
+    (theta = 6.4, 7.16, 7.62, 7.51, ... for W = 1, 2, 3, 4, ...)."""
+    planner = WidthPlanner(GAMMA, COST, "cpu")
+    planner.gains = [0.0, 0.0] + [sum(0.7**k for k in range(1, w)) for w in range(2, GAMMA + 2)]
+    assert planner.width(1) == GAMMA + 1 and planner.width(64) == 3
+
+
+def test_calibration_corrects_an_overconfident_head():
+    """The head predicts 0.9 everywhere but only the first draft is ever accepted."""
+    planner = WidthPlanner(GAMMA, COST, "cpu")
+    for _ in range(100):
+        observe(planner, 0.9, [1] * 16)
+    ratio = planner.calibration()
+    assert ratio[0] == pytest.approx(1 / 0.9, rel=0.05) and ratio[1] < 0.05  # position 2 never accepted
+    assert planner.gains[2] == pytest.approx(1.0, abs=0.02) and planner.gains[GAMMA + 1] < 1.1
+    assert planner.width(1) == 2  # one draft is worth it, more are not (each costs the same at batch 1: ties)
+
+
+def test_bad_drafts_plain_decode_with_probes():
+    """Nothing is ever accepted: plain decode steps (width 1), one probe (width 2) after 4, then 8, 16, 32 ..."""
+    planner = WidthPlanner(GAMMA, COST, "cpu", probe=(4, 16))
+    for _ in range(30):
+        observe(planner, 0.6, [0] * 32, verified=1)
+    widths = [planner.width(32) for _ in range(4 + 8 + 16 + 16)]
+    probes = [i for i, w in enumerate(widths) if w == 2]
+    assert set(widths) == {1, 2} and probes == [3, 11, 27, 43]
+    observe(planner, 0.6, [1] * 32, verified=1)  # a probe finds the drafts good again: back to drafting
+    observe(planner, 0.6, [1] * 32, verified=1)
+    assert planner.width(32) > 1
+
+
+def test_observe_only_counts_reached_positions():
+    """Position k is evidence only for requests whose drafts 1..k-1 were all accepted."""
+    planner = WidthPlanner(GAMMA, COST, "cpu", decay=1.0)
+    observe(planner, 0.5, [0, 3], verified=4)
+    # reached: position 1 by both, 2..4 by the second only; accepted: positions 1..3 by the second
+    assert planner.predicted.tolist()[:5] == pytest.approx([1 + 1.0, 1 + 0.5, 1 + 0.5, 1 + 0.5, 1])
+    assert planner.accepted.tolist()[:5] == pytest.approx([1 + 1, 1 + 1, 1 + 1, 1 + 0, 1])
+
+
+def test_calibration_log(tmp_path):
+    path = tmp_path / "calibration.jsonl"
+    log = CalibrationLog.from_env({"SGLANG_DSPARK_CALIBRATION_LOG": str(path)})
+    assert CalibrationLog.from_env({}) is None
+    log.write(torch.zeros((2, 3)), torch.tensor([0, 2]), 3)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]  # readable before any close
+    assert rows == [{"confidence": [0.5] * 3, "accepted": 0, "verified": 3},
+                    {"confidence": [0.5] * 3, "accepted": 2, "verified": 3}]
+
+
+def test_measure_profile_medians_per_total(monkeypatch):
+    """(bs, W) pairs with the same total bs * W give one point (their median); the draft curve is per bs."""
+    import sglang_dspark.verify_width as vw
+
+    class Runner:  # a DecodeCudaGraphRunner's capture_prepare / execute
+        def __init__(self, width):
+            self.width, self.capture_bs = width, [1, 2, 4]
+
+        def capture_prepare(self, bs):
+            return bs, None, None
+
+        def execute(self, forward_batch):
+            return forward_batch * self.width  # the "time" of the run, read back by the fake timer below
+
+    monkeypatch.setattr(vw, "time_ms", lambda replay: float(replay()))
+    profile = measure_profile({1: Runner(1), 2: Runner(2)}, lambda bs: (lambda: 0.5 * bs) if bs < 4 else None,
+                              [1, 2, 4, 8], device="cpu", model="m", dtype="float32")
+    assert profile.points == ((1, 1.0), (2, 2.0), (4, 4.0), (8, 8.0))
+    assert profile.draft_points == ((1, 0.5), (2, 1.0)) and profile.source == "measured"
+    assert measure_profile({}, lambda bs: None, [1], device="cpu", model="m", dtype="f") is None

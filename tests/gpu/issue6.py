@@ -1,0 +1,608 @@
+"""Issue 6 on the GPU: confidence-scheduled verification against full verification and no speculation.
+
+    python tests/gpu/issue6.py            (run it as: bash tests/gpu/run.sh issue6)
+
+Servers (the tiny pair, ``tests/fixtures/tiny-qwen3`` target; all with CUDA graphs and up to 64 running
+requests, no radix cache, ``--mem-fraction-static 0.15``, input ids in, no tokenizer):
+
+  nospec       no speculation (alive for parts a and b: both compare with it)
+  full         DSPARK, ``tiny-qwen3-dspark``, ``--speculative-dspark-verify full`` (every draft verified)
+  scheduled    DSPARK, ``tiny-qwen3-dspark``, ``--speculative-dspark-verify scheduled``
+  calib        ``scheduled`` again with ``SGLANG_DSPARK_CALIBRATION_LOG`` (kept apart from ``scheduled`` so that
+               writing the log cannot slow the server whose goodput is compared)
+  weak-full    DSPARK with the weak drafter (``benchmark/tiny/weaken.py``, noise ``ISSUE6_WEAK_NOISE``,
+               default 2.0 x each tensor's std, heads untouched), full verification
+  weak-sched   the weak drafter, scheduled verification
+  weak-recal   the weak drafter with its confidence head shifted by ``ISSUE6_WEAK_CONF_SHIFT`` logits (default
+               -3.0: on the CPU this brings the head's predicted tokens per step from 2.14 to 1.06 against 1.05
+               measured; the untouched head is overconfident), scheduled; ``ISSUE6_WEAK_CONF_SHIFT=none`` drops it
+  det-nospec, det-scheduled   no speculation and DSPARK scheduled, ``--enable-deterministic-inference``
+
+Parts (one results file ``$OUT/issue6.json``, rewritten after each part):
+
+a. goodput: HumanEval prompts (``harness.HUMANEVAL``, fixture tokenizer), greedy, ``ignore_eos``, 256 new tokens,
+   concurrency 1, 8, 32, 64 (4, 16, 64, 128 requests; goodput = completion tokens / wall time), nospec, full and
+   scheduled measured one server at a time. Checks: scheduled >= full x 0.97 and >= nospec x 0.97 at every
+   concurrency (raw ratios recorded); the gain of scheduled over full at 64 is stated. Accept lengths
+   (completion tokens / verify steps per point, ``/server_info`` ``avg_spec_accept_length`` per server).
+b. weak drafter, same load: nospec, weak-full, weak-sched (and weak-recal). Checks: the weak drafter commits
+   <= 1.3 tokens per verify step (the premise), weak-sched >= nospec x 0.90 at 32 and 64; full's ratios and
+   weak-recal's are recorded.
+c. greedy identity with scheduling on: det-nospec vs det-scheduled, 32 prompts x 128 tokens at concurrency 8,
+   token for token. Skipped with ``ISSUE6_SKIP_IDENTITY=1`` (recorded, not a failure) or when the budget is short
+   (a failed check saying so).
+d. calibration: ``calib`` serves 32 prompts at concurrency 8 and 64 at 64 (256 tokens), then
+   ``python benchmark/analysis/calibration.py records LOG --out-dir ...``; copied to ``$OUT/issue6-calibration.json``,
+   ``$OUT/issue6-calibration-reliability.png`` (when matplotlib is there; the device image has none) and the raw
+   step records to ``$OUT/issue6-calibration-records.jsonl`` (render the plot elsewhere with the same command).
+
+Order: wave 1 (nospec, full, scheduled, calib) starts together; a round 1, d, a round 2; full, scheduled and calib
+stop; wave 2 (the weak servers, and the identity pair unless skipped) starts together; b round 1, c, b round 2.
+A goodput point is the best of the rounds that ran (``ISSUE6_ROUNDS``, default 2); a second round runs for a
+whole part or not at all, so every setting of a part has the same number of samples. Each point, round and part
+starts only when its estimated time fits in what is left of ``ISSUE6_BUDGET_S`` (default 500 s, counted from
+``ISSUE6_T0``, which run.sh sets). Server logs in ``$ISSUE6_LOG_DIR`` (/tmp/issue6-logs), packed into
+``$OUT/issue6-logs.tar.gz``; the weak drafters and the calibration work in ``$ISSUE6_WORK`` (/tmp/issue6).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from harness import (  # noqa: E402
+    HUMANEVAL, OUT, REPO, TINY_DRAFT, TINY_TARGET, Clock, Report, Server, info, mismatches, outputs, pack_logs,
+)
+
+from benchmark.tiny.weaken import CALIBRATING_SHIFT, DEFAULT_NOISE  # noqa: E402
+
+WORK = Path(os.environ.get("ISSUE6_WORK", "/tmp/issue6"))
+LOG_DIR = Path(os.environ.get("ISSUE6_LOG_DIR", "/tmp/issue6-logs"))
+
+BUDGET_S = float(os.environ.get("ISSUE6_BUDGET_S", "500"))
+ROUNDS = int(os.environ.get("ISSUE6_ROUNDS", "2"))
+SKIP_IDENTITY = os.environ.get("ISSUE6_SKIP_IDENTITY") == "1"
+WEAK_NOISE = float(os.environ.get("ISSUE6_WEAK_NOISE") or DEFAULT_NOISE)
+_SHIFT = (os.environ.get("ISSUE6_WEAK_CONF_SHIFT") or str(CALIBRATING_SHIFT)).strip()
+WEAK_CONF_SHIFT = None if _SHIFT.lower() == "none" else float(_SHIFT)
+
+CONCURRENCIES = (1, 8, 32, 64)
+N_OUT = 256
+TOLERANCE = 0.03  # part a: scheduled may fall this far (relative) below full / no-spec before the check fails
+WEAK_MIN_RATIO = 0.90  # part b: weak-sched / nospec at WEAK_CHECKED
+WEAK_CHECKED = (32, 64)
+WEAK_MAX_ACCEPT = 1.3  # part b premise: tokens per verify step of the weak drafter (full verification)
+IDENTITY_PROMPTS, IDENTITY_OUT, IDENTITY_CONCURRENCY = 32, 128, 8
+CALIB_LOADS = ((8, 32), (64, 64))  # (concurrency, requests), 256 new tokens each
+
+# COMMON_SERVER_ARGS (harness) first, these after them (a repeated flag overrides): the tiny target's 2048
+# positions, CUDA graphs and running requests up to 64 (the largest concurrency), no radix cache (the same prompts
+# are sent again in every round and concurrency), a decode log line every 40 steps instead of every step.
+TINY_ARGS = ["--context-length", "2048", "--mem-fraction-static", "0.15", "--cuda-graph-max-bs-decode", "64",
+             "--max-running-requests", "64", "--disable-radix-cache", "--decode-log-interval", "40"]
+DETERMINISTIC_ARGS = ["--enable-deterministic-inference"]
+PORTS = {"nospec": 34100, "full": 34200, "scheduled": 34300, "calib": 34400, "weak-full": 34500,
+         "weak-sched": 34600, "weak-recal": 34700, "det-nospec": 34800, "det-scheduled": 34900}
+PART_A = ("nospec", "full", "scheduled")
+PART_B = ("nospec", "weak-full", "weak-sched", "weak-recal")
+
+STOP_S = 30.0  # kept free at the end: stopping servers, packing logs
+START_S = 120.0  # a wave of tiny servers is up within this (issue4: three in ~70 s)
+# Estimate of a goodput point before one was measured (the weak drafter at ~6 ms per DSPARK step, ~1 token each).
+DEFAULT_POINT_S = {1: 10.0, 8: 6.0, 32: 7.0, 64: 9.0}
+IDENTITY_NEEDS_S = 40.0
+CALIB_NEEDS_S = 45.0
+
+
+def log(message: str) -> None:
+    print(f"[issue6 {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ---- pure helpers (unit-tested on the CPU: tests/cpu/test_issue6_helpers.py) ----------------------------
+
+
+def requests_for(concurrency: int) -> int:
+    """Requests per goodput point: 4 at concurrency 1, else two full waves (at least 16)."""
+    return 4 if concurrency == 1 else max(16, 2 * concurrency)
+
+
+def point_stats(metas: list[dict[str, Any]], wall_s: float, concurrency: int, max_new_tokens: int) -> dict[str, Any]:
+    """One goodput point from the requests' ``meta_info``: output tok/s = all completion tokens / wall time;
+    accept length = completion tokens / verify steps (None without speculation)."""
+    tokens = sum(m.get("completion_tokens") or 0 for m in metas)
+    verify = sum(m.get("spec_verify_ct") or 0 for m in metas)
+    return {"concurrency": concurrency, "requests": len(metas), "wall_s": round(wall_s, 3), "output_tokens": tokens,
+            "output_tok_s": round(tokens / wall_s, 1) if wall_s > 0 else None,
+            "accept_length": round(tokens / verify, 4) if verify else None, "verify_ct": verify,
+            "complete": all(m.get("completion_tokens") == max_new_tokens for m in metas)}
+
+
+def goodput_table(points: dict[str, dict[int, list[dict]]]) -> dict[str, dict[int, float]]:
+    """{setting: {concurrency: best output tok/s over the rounds}} (points without a rate are left out)."""
+    table: dict[str, dict[int, float]] = {}
+    for name, by_c in points.items():
+        for c, runs in by_c.items():
+            rates = [r["output_tok_s"] for r in runs if r.get("output_tok_s")]
+            if rates:
+                table.setdefault(name, {})[c] = max(rates)
+    return table
+
+
+def ratio_rows(table: dict[str, dict[int, float]], num: str, den: str, concurrencies: tuple[int, ...],
+               min_ratio: float) -> list[dict[str, Any]]:
+    """Per concurrency: ``num``'s and ``den``'s goodput, their ratio and whether it is >= ``min_ratio``
+    (a missing point gives ratio None and ok False)."""
+    rows = []
+    for c in concurrencies:
+        a, b = table.get(num, {}).get(c), table.get(den, {}).get(c)
+        ratio = round(a / b, 4) if a is not None and b else None
+        rows.append({"concurrency": c, num: a, den: b, "ratio": ratio, "ok": ratio is not None and ratio >= min_ratio})
+    return rows
+
+
+def format_table(table: dict[str, dict[int, float]], concurrencies: tuple[int, ...], base: str) -> str:
+    """Goodput per setting (rows) and concurrency (columns), each with its ratio to ``base``, as text."""
+    lines = [f"{'tok/s':<14}" + "".join(f"{'c' + str(c):>18}" for c in concurrencies)]
+    for name, by_c in table.items():
+        cells = []
+        for c in concurrencies:
+            value, ref = by_c.get(c), table.get(base, {}).get(c)
+            if value is None:
+                cells.append(f"{'-':>18}")
+            elif name == base or not ref:
+                cells.append(f"{value:>18.1f}")
+            else:
+                cells.append(f"{f'{value:.1f} ({value / ref:.2f}x)':>18}")
+        lines.append(f"{name:<14}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def pooled_accept_length(runs: list[dict]) -> float | None:
+    """Completion tokens / verify steps over all points of a setting (None without verify steps)."""
+    tokens = sum(r["output_tokens"] for r in runs)
+    verify = sum(r["verify_ct"] for r in runs)
+    return round(tokens / verify, 4) if verify else None
+
+
+def records_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Step records of the calibration log: steps, mean drafts verified and accepted per step, the histogram of
+    verified lengths (index = drafts verified)."""
+    if not rows:
+        return {"steps": 0}
+    gamma = max(len(r.get("confidence") or r.get("confidence_logits") or []) for r in rows)
+    verified = [int(r.get("verified", gamma)) for r in rows]
+    hist = [0] * (gamma + 1)
+    for v in verified:
+        hist[min(max(v, 0), gamma)] += 1
+    return {"steps": len(rows), "gamma": gamma, "mean_verified": round(sum(verified) / len(rows), 4),
+            "mean_accepted": round(sum(int(r["accepted"]) for r in rows) / len(rows), 4),
+            "verified_histogram": hist}
+
+
+def point_estimate(runs: list[dict], concurrency: int) -> float:
+    """Seconds one more goodput point should take: 1.3 x the slowest wall time seen at this concurrency, or
+    ``DEFAULT_POINT_S`` when none was seen."""
+    return 1.3 * max(r["wall_s"] for r in runs) if runs else DEFAULT_POINT_S[concurrency]
+
+
+def round_estimate(points: dict[int, list[dict]], concurrencies: tuple[int, ...]) -> float:
+    """Seconds one more round of a setting should take (``point_estimate`` summed over ``concurrencies``)."""
+    return sum(point_estimate(points.get(c, []), c) for c in concurrencies)
+
+
+# ---- servers -------------------------------------------------------------------------------------------
+
+
+def dspark_args(draft: Path, verify: str) -> list[str]:
+    return ["--speculative-algorithm", "DSPARK", "--speculative-draft-model-path", str(draft),
+            "--speculative-dspark-verify", verify]
+
+
+def make_server(name: str, args: list[str], env: dict[str, str] | None = None) -> Server:
+    return Server(f"issue6-{name}", TINY_TARGET, [*TINY_ARGS, *args], PORTS[name], env=env, log_dir=LOG_DIR)
+
+
+def start_wave(servers: dict[str, Server], clock: Clock) -> None:
+    """Start ``servers`` together (staggered by 2 s: they pick free ports for their own use)."""
+    for server in servers.values():
+        server.start_timeout = max(30.0, clock.left() - STOP_S - 60.0)
+        server.deadline = clock.deadline - STOP_S
+        server.start()
+        time.sleep(2)
+
+
+def ready(state: dict[str, dict], name: str) -> bool:
+    """Wait for server ``name`` (once); False (and the error stored) when it does not come up."""
+    s = state[name]
+    if "up" not in s:
+        try:
+            s["server"].wait_ready()
+            s["up"] = True
+        except Exception:  # noqa: BLE001 - recorded; the checks that need this server fail
+            s["up"] = False
+            s["error"] = traceback.format_exc(limit=4)
+            log(f"{name} did not come up")
+    return s["up"]
+
+
+def stop_all(servers: list[Server]) -> None:
+    with ThreadPoolExecutor(max_workers=max(1, len(servers))) as pool:
+        list(pool.map(lambda s: s.stop(), servers))
+
+
+# ---- load ----------------------------------------------------------------------------------------------
+
+
+def humaneval_prompts(n: int) -> list[list[int]]:
+    """The first ``n`` HumanEval code blocks as token ids of the fixture tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_TARGET)
+    rows = [json.loads(line) for line in HUMANEVAL.read_text().splitlines() if line.strip()]
+    if len(rows) < n:
+        raise ValueError(f"{HUMANEVAL}: expected at least {n} prompts, found {len(rows)}")
+    return [tokenizer.encode(row["text"]) for row in rows[:n]]
+
+
+def greedy(max_new_tokens: int) -> dict[str, Any]:
+    return {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True}
+
+
+def measure(server: Server, prompts: list[list[int]], concurrency: int) -> dict[str, Any]:
+    n = requests_for(concurrency)
+    batch = [prompts[i % len(prompts)] for i in range(n)]
+    start = time.perf_counter()
+    responses = server.generate_many(batch, [greedy(N_OUT)] * n, concurrency)
+    return point_stats([r["meta_info"] for r in responses], time.perf_counter() - start, concurrency, N_OUT)
+
+
+def goodput_round(state: dict[str, dict], names: tuple[str, ...], prompts: list[list[int]], clock: Clock,
+                  round_no: int, skipped: list[str]) -> None:
+    """One round: each server of ``names`` in turn (warmed up once), every concurrency that fits the budget."""
+    for name in names:
+        if name not in state or not ready(state, name):
+            continue
+        s, server = state[name], state[name]["server"]
+        try:
+            if not s.get("warm"):
+                server.generate_many(prompts[:64], [greedy(16)] * 64, 64)
+                s["warm"] = True
+            for c in CONCURRENCIES:
+                runs = s["points"].setdefault(c, [])
+                estimate = point_estimate(runs, c)
+                if clock.left() - STOP_S < estimate:
+                    skipped.append(f"{name} c{c} round {round_no}: {clock.left():.0f} s left < {estimate:.0f} s")
+                    continue
+                point = measure(server, prompts, c)
+                point["round"] = round_no
+                runs.append(point)
+                log(f"{name} c{c} round {round_no}: {point['output_tok_s']} tok/s, accept {point['accept_length']}")
+            if name != "nospec":
+                s["avg_spec_accept_length"] = server.avg_spec_accept_length()
+        except Exception:  # noqa: BLE001 - recorded; this server's missing points fail the checks that need them
+            s["error"] = traceback.format_exc(limit=6) + f"\n---- {server.log_path.name} ----\n{server.log_tail(30)}"
+            log(f"{name} failed in round {round_no}")
+
+
+def rounds_need(state: dict[str, dict], names: tuple[str, ...]) -> float:
+    """Seconds one more round of the servers ``names`` that are (or may still come) up should take."""
+    return round(sum(round_estimate(state[n]["points"], CONCURRENCIES) for n in names
+                     if n in state and state[n].get("up", True)), 1)
+
+
+# ---- parts ---------------------------------------------------------------------------------------------
+
+
+def make_weak(name: str, shift: float | None) -> tuple[Path, dict[str, Any]]:
+    """``benchmark/tiny/weaken.py`` into ``WORK/<name>`` -> (dir, record with the command, rc and its note)."""
+    out = WORK / name
+    cmd = [sys.executable, str(REPO / "benchmark" / "tiny" / "weaken.py"), str(TINY_DRAFT), str(out),
+           "--noise", str(WEAK_NOISE), "--seed", "0", "--overwrite"]
+    if shift:
+        cmd += ["--confidence-shift", str(shift)]
+    record: dict[str, Any] = {"command": " ".join(["python", *cmd[1:]])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    record["rc"] = proc.returncode
+    if proc.returncode == 0:
+        note = json.loads((out / "weaken.json").read_text())
+        record["note"] = {k: note[k] for k in ("noise", "seed", "heads_noised", "confidence_shift")}
+        record["noised_tensors"] = len(note["noised"])
+    else:
+        record["output"] = (proc.stdout + proc.stderr)[-3000:]
+    return out, record
+
+
+def part_a_checks(report: Report, state: dict[str, dict]) -> None:
+    results = report.data["results"]
+    table = goodput_table({n: state[n]["points"] for n in PART_A if n in state})
+    results["part_a"] = {"goodput": table, "points": {n: state[n]["points"] for n in PART_A if n in state},
+                         "accept_length": {n: pooled_accept_length([r for runs in state[n]["points"].values()
+                                                                    for r in runs]) for n in ("full", "scheduled")},
+                         "avg_spec_accept_length": {n: state[n].get("avg_spec_accept_length")
+                                                    for n in ("full", "scheduled")}}
+    info("part a goodput (best of rounds)", "\n" + format_table(table, CONCURRENCIES, "nospec"))
+    for name in PART_A:
+        runs = [r for by_c in state[name]["points"].values() for r in by_c]
+        report.check(f"part a {name}: up, every point measured, every request {N_OUT} tokens",
+                     all(state[name]["points"].get(c) for c in CONCURRENCIES) and all(r["complete"] for r in runs),
+                     state[name].get("error") or {c: len(state[name]["points"].get(c, [])) for c in CONCURRENCIES})
+    for den in ("full", "nospec"):
+        rows = ratio_rows(table, "scheduled", den, CONCURRENCIES, 1.0 - TOLERANCE)
+        results["part_a"][f"scheduled_over_{den}"] = rows
+        report.check(f"part a: scheduled goodput >= {den} x {1 - TOLERANCE:.2f} at concurrency "
+                     f"{', '.join(map(str, CONCURRENCIES))}", all(r["ok"] for r in rows),
+                     {f"c{r['concurrency']}": r["ratio"] for r in rows})
+    gain = ratio_rows(table, "scheduled", "full", (64,), 0.0)[0]["ratio"]
+    results["part_a"]["gain_scheduled_over_full_c64"] = None if gain is None else round(gain - 1.0, 4)
+    info("part a: gain of scheduled over full verification at concurrency 64",
+         "not measured" if gain is None else f"{100 * (gain - 1):+.1f}% ({gain:.3f}x)")
+    info("part a accept lengths (tokens per verify step, pooled)", results["part_a"]["accept_length"])
+
+
+def part_b_checks(report: Report, state: dict[str, dict], records: dict[str, Any]) -> None:
+    results = report.data["results"]
+    names = tuple(n for n in PART_B if n in state)
+    table = goodput_table({n: state[n]["points"] for n in names})
+    results["part_b"] = {"weak_drafters": records, "goodput": table,
+                         "points": {n: state[n]["points"] for n in names if n != "nospec"},
+                         "accept_length": {n: pooled_accept_length([r for runs in state[n]["points"].values()
+                                                                    for r in runs]) for n in names if n != "nospec"},
+                         "avg_spec_accept_length": {n: state[n].get("avg_spec_accept_length")
+                                                    for n in names if n != "nospec"}}
+    info("part b goodput (best of rounds; nospec measured again beside the weak drafter)",
+         "\n" + format_table(table, CONCURRENCIES, "nospec"))
+    for name in names[1:]:
+        runs = [r for by_c in state[name]["points"].values() for r in by_c]
+        report.check(f"part b {name}: up, every point measured, every request {N_OUT} tokens",
+                     all(state[name]["points"].get(c) for c in CONCURRENCIES) and all(r["complete"] for r in runs),
+                     state[name].get("error") or {c: len(state[name]["points"].get(c, [])) for c in CONCURRENCIES})
+    accept = results["part_b"]["accept_length"].get("weak-full")
+    report.check(f"part b premise: the weak drafter (noise {WEAK_NOISE}) commits <= {WEAK_MAX_ACCEPT} tokens per "
+                 "verify step (weak-full, pooled)", accept is not None and accept <= WEAK_MAX_ACCEPT,
+                 {"weak-full": accept, "weak-sched": results["part_b"]["accept_length"].get("weak-sched")})
+    rows = ratio_rows(table, "weak-sched", "nospec", CONCURRENCIES, WEAK_MIN_RATIO)
+    results["part_b"]["weak_sched_over_nospec"] = rows
+    checked = [r for r in rows if r["concurrency"] in WEAK_CHECKED]
+    report.check(f"part b: weak-sched goodput >= nospec x {WEAK_MIN_RATIO:.2f} at concurrency "
+                 f"{', '.join(map(str, WEAK_CHECKED))}", all(r["ok"] for r in checked),
+                 {f"c{r['concurrency']}": r["ratio"] for r in rows})
+    for name in ("weak-full", "weak-recal"):
+        if name in names:
+            rows = ratio_rows(table, name, "nospec", CONCURRENCIES, 0.0)
+            results["part_b"][f"{name.replace('-', '_')}_over_nospec"] = rows
+            info(f"part b: {name} / nospec", {f"c{r['concurrency']}": r["ratio"] for r in rows})
+
+
+def identity_part(report: Report, state: dict[str, dict]) -> None:
+    results = report.data["results"]
+    prompts = humaneval_prompts(IDENTITY_PROMPTS)
+    runs: dict[str, list[dict]] = {}
+    for name in ("det-nospec", "det-scheduled"):
+        if not ready(state, name):
+            report.check(f"part c {name}: up", False, state[name].get("error"))
+            return
+        responses = state[name]["server"].generate_many(prompts, [greedy(IDENTITY_OUT)] * len(prompts),
+                                                        IDENTITY_CONCURRENCY)
+        runs[name] = responses
+    got, want = outputs(runs["det-scheduled"]), outputs(runs["det-nospec"])
+    bad = mismatches(got, want)
+    metas = [r["meta_info"] for r in runs["det-scheduled"]]
+    results["part_c"] = {"prompts": len(prompts), "max_new_tokens": IDENTITY_OUT,
+                         "concurrency": IDENTITY_CONCURRENCY, "mismatches": bad,
+                         "accept_length": point_stats(metas, 1.0, IDENTITY_CONCURRENCY, IDENTITY_OUT)["accept_length"]}
+    report.check(f"part c: deterministic inference, DSPARK scheduled greedy outputs token-identical to no speculation "
+                 f"({len(prompts)} prompts x {IDENTITY_OUT} tokens, concurrency {IDENTITY_CONCURRENCY})",
+                 not bad and all(len(g) == IDENTITY_OUT for g in got + want),
+                 (f"{len(bad)}/{len(prompts)} differ; first positions "
+                  + ", ".join(f"#{b['prompt']}@{b['position']}" for b in bad[:12])) if bad else None)
+
+
+def calibration_part(report: Report, state: dict[str, dict], prompts: list[list[int]], log_path: Path) -> None:
+    results = report.data["results"]
+    if not ready(state, "calib"):
+        report.check("part d: calibration server up", False, state["calib"].get("error"))
+        return
+    server = state["calib"]["server"]
+    loads = []
+    for concurrency, n in CALIB_LOADS:
+        batch = [prompts[i % len(prompts)] for i in range(n)]
+        start = time.perf_counter()
+        responses = server.generate_many(batch, [greedy(N_OUT)] * n, concurrency)
+        loads.append(point_stats([r["meta_info"] for r in responses], time.perf_counter() - start, concurrency, N_OUT))
+    lines = wait_stable(log_path)
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if lines else []
+    summary = records_summary(rows)
+    results["part_d"] = {"log": str(log_path), "loads": loads, "records": summary}
+    report.check("part d: SGLANG_DSPARK_CALIBRATION_LOG written (step records)", summary["steps"] > 0,
+                 {k: v for k, v in summary.items() if k != "verified_histogram"} if rows else f"{log_path}: no records")
+    if not rows:
+        return
+    out_dir = WORK / "calibration"
+    cmd = [sys.executable, str(REPO / "benchmark" / "analysis" / "calibration.py"), "records", str(log_path),
+           "--out-dir", str(out_dir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    (LOG_DIR / "calibration.log").write_text(proc.stdout + "\n---- stderr ----\n" + proc.stderr)
+    results["part_d"]["command"] = " ".join(["python", *cmd[1:]])
+    results["part_d"]["summary"] = proc.stdout.splitlines()[-40:]
+    ok = proc.returncode == 0 and (out_dir / "calibration.json").exists()
+    report.check("part d: calibration.py records on the log: exit 0, calibration.json written", ok,
+                 None if ok else (proc.stderr or proc.stdout)[-2000:])
+    OUT.mkdir(parents=True, exist_ok=True)
+    shutil.copy(log_path, OUT / "issue6-calibration-records.jsonl")
+    if ok:
+        shutil.copy(out_dir / "calibration.json", OUT / "issue6-calibration.json")
+        calib = json.loads((out_dir / "calibration.json").read_text())
+        results["part_d"]["survival_pooled"] = {k: calib["survival"]["pooled"].get(k)
+                                                for k in ("count", "mean_predicted", "accept_rate", "ece", "auc")}
+        results["part_d"]["committed"] = calib.get("committed")
+    png = out_dir / "reliability.png"
+    if png.exists():
+        shutil.copy(png, OUT / "issue6-calibration-reliability.png")
+    info("part d: reliability plot", "issue6-calibration-reliability.png" if png.exists() else
+         "not drawn here (no matplotlib): python benchmark/analysis/calibration.py records "
+         "issue6-calibration-records.jsonl --out-dir DIR")
+
+
+def wait_stable(path: Path, timeout: float = 10.0) -> int:
+    """Lines in ``path`` once their count has not changed for 1 s (at most ``timeout`` s): the worker may still
+    be appending the last steps' records when the responses are in."""
+    end, last, since = time.time() + timeout, -1, time.time()
+    while time.time() < end:
+        count = len(path.read_text().splitlines()) if path.exists() else 0
+        if count != last:
+            last, since = count, time.time()
+        elif time.time() - since >= 1.0:
+            break
+        time.sleep(0.25)
+    return max(last, 0)
+
+
+# ---- main ----------------------------------------------------------------------------------------------
+
+
+class Run:
+    """The state of one run: the report, the clock, the servers by setting name and the prompts."""
+
+    def __init__(self, clock: Clock, report: Report, prompts: list[list[int]]) -> None:
+        self.clock, self.report, self.prompts = clock, report, prompts
+        self.state: dict[str, dict] = {}  # name -> {"server", "points": {c: [point, ...]}, "up", "warm", "error", ...}
+        self.skipped: list[str] = report.data["results"]["skipped"]
+
+    def add(self, servers: dict[str, Server]) -> None:
+        self.state.update({name: {"server": s, "points": {}} for name, s in servers.items()})
+        start_wave(servers, self.clock)
+
+    def rounds(self, part: str, names: tuple[str, ...], reserve_s: float = 0.0) -> None:
+        """Rounds 2..ROUNDS of goodput for ``names``, each only when it fits with ``reserve_s`` kept free."""
+        for round_no in range(2, ROUNDS + 1):
+            need = rounds_need(self.state, names)
+            left = self.clock.left() - STOP_S - reserve_s
+            if left < need:
+                self.skipped.append(f"part {part} round {round_no}: needs {need} s, {left:.0f} s left "
+                                    f"({reserve_s:.0f} s kept for what follows)")
+                return
+            self.report.run(f"part {part} round {round_no}",
+                            lambda: goodput_round(self.state, names, self.prompts, self.clock, round_no, self.skipped))
+
+    def record_servers(self) -> None:
+        results = self.report.data["results"]
+        results["servers"] = {n: s["server"].describe() for n, s in self.state.items()}
+        results["errors"] = {n: s["error"] for n, s in self.state.items() if "error" in s}
+
+    def stop(self, names: tuple[str, ...] | None = None) -> None:
+        stop_all([s["server"] for n, s in self.state.items() if names is None or n in names])
+
+
+def wave1(run: Run, calib_log: Path) -> None:
+    """Parts a and d: nospec, full, scheduled and calib start together; full, scheduled and calib stop after."""
+    run.add({"nospec": make_server("nospec", []),
+             "full": make_server("full", dspark_args(TINY_DRAFT, "full")),
+             "scheduled": make_server("scheduled", dspark_args(TINY_DRAFT, "scheduled")),
+             "calib": make_server("calib", dspark_args(TINY_DRAFT, "scheduled"),
+                                  env={"SGLANG_DSPARK_CALIBRATION_LOG": str(calib_log)})})
+    report, clock = run.report, run.clock
+    t = time.time()
+    report.run("part a round 1", lambda: goodput_round(run.state, PART_A, run.prompts, clock, 1, run.skipped))
+    if clock.left() - STOP_S >= CALIB_NEEDS_S:
+        report.run("part d", lambda: calibration_part(report, run.state, run.prompts, calib_log))
+    else:
+        report.check("part d: ran", False, f"skipped: {clock.left():.0f} s left")
+    # Kept for wave 2: its start, part b's first round (nospec again and the weak servers), part c.
+    n_weak = 2 + (WEAK_CONF_SHIFT is not None)
+    reserve = (START_S + round_estimate(run.state["nospec"]["points"], CONCURRENCIES)
+               + n_weak * round_estimate({}, CONCURRENCIES) + (0 if SKIP_IDENTITY else IDENTITY_NEEDS_S))
+    run.rounds("a", PART_A, reserve)
+    report.data["results"]["part_seconds"]["a+d"] = round(time.time() - t, 1)
+    report.run("part a checks", lambda: part_a_checks(report, run.state))
+    run.record_servers()
+    report.write()
+    pack_logs(LOG_DIR, "issue6-logs")
+    run.stop(("full", "scheduled", "calib"))
+
+
+def wave2(run: Run, weak_dirs: dict[str, Path], weak_records: dict[str, Any]) -> None:
+    """Parts b and c: the weak-drafter servers (and the deterministic pair) start together; nospec is still up."""
+    report, clock = run.report, run.clock
+    servers: dict[str, Server] = {}
+    if weak_records.get("weak", {}).get("rc") == 0:
+        servers["weak-full"] = make_server("weak-full", dspark_args(weak_dirs["weak"], "full"))
+        servers["weak-sched"] = make_server("weak-sched", dspark_args(weak_dirs["weak"], "scheduled"))
+    else:
+        report.check("part b: weak drafter made (benchmark/tiny/weaken.py)", False, weak_records.get("weak"))
+    if weak_records.get("weak-recal", {}).get("rc") == 0:
+        servers["weak-recal"] = make_server("weak-recal", dspark_args(weak_dirs["weak-recal"], "scheduled"))
+    b_need = rounds_need({**run.state, **{n: {"points": {}} for n in servers}}, PART_B)
+    identity = not SKIP_IDENTITY and clock.left() - STOP_S - START_S - b_need >= IDENTITY_NEEDS_S
+    if identity:
+        servers["det-nospec"] = make_server("det-nospec", DETERMINISTIC_ARGS)
+        servers["det-scheduled"] = make_server("det-scheduled",
+                                               [*DETERMINISTIC_ARGS, *dspark_args(TINY_DRAFT, "scheduled")])
+    elif SKIP_IDENTITY:
+        run.skipped.append("part c: ISSUE6_SKIP_IDENTITY=1")
+    else:
+        report.check("part c: ran", False, f"skipped: {clock.left():.0f} s left at the start of wave 2, part b "
+                     f"needs {START_S:.0f} + {b_need} s")
+    run.add(servers)
+    t = time.time()
+    run.state["nospec"]["points"] = {}  # measured again beside the weak drafter (part a's results keep its points)
+    report.run("part b round 1", lambda: goodput_round(run.state, PART_B, run.prompts, clock, 1, run.skipped))
+    if identity and clock.left() - STOP_S >= IDENTITY_NEEDS_S:
+        t_c = time.time()
+        report.run("part c", lambda: identity_part(report, run.state))
+        report.data["results"]["part_seconds"]["c"] = round(time.time() - t_c, 1)
+    elif identity:
+        report.check("part c: ran", False, f"skipped: {clock.left():.0f} s left after part b round 1")
+    run.rounds("b", PART_B)
+    report.data["results"]["part_seconds"]["b+c"] = round(time.time() - t, 1)
+    report.run("part b checks", lambda: part_b_checks(report, run.state, weak_records))
+    run.record_servers()
+
+
+def main() -> int:
+    clock = Clock("ISSUE6_T0", BUDGET_S)
+    WORK.mkdir(parents=True, exist_ok=True)
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    report = Report("issue6")
+    report.data["results"].update(
+        config={"budget_s": BUDGET_S, "rounds": ROUNDS, "concurrencies": CONCURRENCIES,
+                "requests": {c: requests_for(c) for c in CONCURRENCIES}, "max_new_tokens": N_OUT,
+                "tolerance": TOLERANCE, "weak_min_ratio": WEAK_MIN_RATIO, "weak_max_accept": WEAK_MAX_ACCEPT,
+                "weak_noise": WEAK_NOISE, "weak_conf_shift": WEAK_CONF_SHIFT, "skip_identity": SKIP_IDENTITY,
+                "server_args": TINY_ARGS},
+        skipped=[], part_seconds={})
+    log(f"start at {clock.elapsed()} s of the run, budget {BUDGET_S:.0f} s")
+    run = Run(clock, report, [])
+    try:
+        weak_dirs: dict[str, Path] = {}
+        weak_records: dict[str, Any] = {}
+        for name, shift in (("weak", None), ("weak-recal", WEAK_CONF_SHIFT)):
+            if name == "weak" or shift is not None:
+                weak_dirs[name], weak_records[name] = make_weak(f"tiny-qwen3-dspark-{name}", shift)
+        run.prompts = humaneval_prompts(max(requests_for(c) for c in CONCURRENCIES))
+        calib_log = WORK / "calibration-records.jsonl"
+        calib_log.unlink(missing_ok=True)
+        wave1(run, calib_log)
+        wave2(run, weak_dirs, weak_records)
+    except Exception:  # noqa: BLE001 - every failure must land in the report
+        report.check("issue6 run", False, traceback.format_exc(limit=8))
+    finally:
+        run.stop()
+        log(f"done at {clock.elapsed()} s")
+        report.write()
+        pack_logs(LOG_DIR, "issue6-logs")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
