@@ -217,6 +217,7 @@ class DSparkWorker(DFlashWorkerV2):
     _verify_graphs: Optional[VerifyGraphs] = None  # scheduled verification: verify graphs per width
     _planner: Optional[WidthPlanner] = None  # scheduled verification: the width of each step
     _calibration_log: Optional[CalibrationLog] = None  # SGLANG_DSPARK_CALIBRATION_LOG (measurement only)
+    _lengths_from_bounds = False  # SGLANG_DSPARK_NO_SEQ_LENS_SYNC: plan from the reserved bounds (_host_seq_lens)
     PROFILE_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64)  # timed for --speculative-dspark-cost-profile auto
 
     def __init__(
@@ -351,6 +352,7 @@ class DSparkWorker(DFlashWorkerV2):
             )
         for backend in backends:
             backend.needs_cpu_seq_lens = False
+        self._lengths_from_bounds = True
         logger.info("DSPARK: %s=1: attention planned from reserved sequence-length bounds, without a KV split; "
                     "the scheduler does not wait for each step's lengths (experimental).", NO_SEQ_LENS_SYNC_ENV)
 
@@ -621,14 +623,22 @@ class DSparkWorker(DFlashWorkerV2):
         self, batch: ScheduleBatch, draft_input: DFlashDraftInputV2, width: int
     ) -> tuple[torch.Tensor, int]:
         """Host KV lengths of a ``width``-token forward for attention planning, no sync: exact from the
-        scheduler's host mirror, else (``SGLANG_DSPARK_NO_SEQ_LENS_SYNC``) the reserved upper bounds, which
-        FlashInfer may only plan from without a KV split (patch 0010 sees to that)."""
-        if batch.seq_lens_cpu is not None:
-            seq_lens_cpu = batch.seq_lens_cpu + width
-            return seq_lens_cpu, int(seq_lens_cpu.sum())
-        if draft_input.reserved_seq_lens_cpu is not None:  # reserved >= committed + 2 * (gamma + 1)
+        scheduler's host mirror (committed + width), or with ``SGLANG_DSPARK_NO_SEQ_LENS_SYNC`` the reserved
+        upper bounds, which FlashInfer may only plan from without a KV split (patch 0010 sees to that).
+
+        Under that knob ``batch.seq_lens_cpu`` is not None but the seed of ``DFlashDraftInputV2.prepare_for_decode``,
+        committed lengths one step behind (the resolve that would overwrite it is what the knob removes): up to
+        gamma + 1 tokens short per request, so it must not be used. Sizes taken from it would cut the KV index
+        list that the sync-free plan copies (``fast_prefill_plan`` copies ``seq_lens_sum`` entries), leaving stale
+        slots at the end of the last requests' attention."""
+        if self._lengths_from_bounds:
+            if draft_input.reserved_seq_lens_cpu is None:
+                raise RuntimeError(f"DSPARK with {NO_SEQ_LENS_SYNC_ENV}=1 needs the reserved sequence lengths.")
             return draft_input.reserved_seq_lens_cpu, int(draft_input.reserved_seq_lens_sum)
-        raise RuntimeError("DSPARK decode needs host sequence lengths (batch.seq_lens_cpu or the reserved lengths).")
+        if batch.seq_lens_cpu is None:
+            raise RuntimeError("DSPARK decode needs the scheduler's host sequence lengths (batch.seq_lens_cpu).")
+        seq_lens_cpu = batch.seq_lens_cpu + width
+        return seq_lens_cpu, int(seq_lens_cpu.sum())
 
     def _draft_backbone(
         self,

@@ -276,18 +276,22 @@ def check_worker_step(report: Report) -> None:
               and worker._sampler.greedy.tolist() == [True, False, True])
         report.check("worker step (simulated ACC_LEN=2, graph path): one draft + the target's token", ok,
                      None if ok else out.tolist())
-        # No host mirror of the lengths (SGLANG_DSPARK_NO_SEQ_LENS_SYNC): draft and verify plan from the reserved
-        # upper bounds, and the batch keeps seq_lens_cpu None for the scheduler.
+        # No exact host mirror of the lengths (SGLANG_DSPARK_NO_SEQ_LENS_SYNC): the batch's seq_lens_cpu is the
+        # scheduler's seed, committed lengths one step behind; draft and verify plan from the reserved upper bounds
+        # instead, and the batch keeps its seed for the scheduler.
         b = batch(bonus, prefix, [True, True, True])
-        b.seq_lens_cpu, b.seq_lens_sum = None, None
+        lagging = [p - gamma for p in prefix]
+        b.seq_lens_cpu, b.seq_lens_sum = torch.tensor(lagging), sum(lagging)
         reserved = [p + 2 * (gamma + 1) + 3 for p in prefix]
         b.spec_info.reserved_seq_lens_cpu, b.spec_info.reserved_seq_lens_sum = torch.tensor(reserved), sum(reserved)
         verify_host_lens.clear()
+        worker._lengths_from_bounds = True
         result = worker._decode(b, None)
+        worker._lengths_from_bounds = False
         ok = (seen["draft"].seq_lens_cpu.tolist() == reserved and seen["draft"].seq_lens_sum == sum(reserved)
-              and verify_host_lens == [(reserved, sum(reserved))] and b.seq_lens_cpu is None and b.seq_lens_sum is None
-              and result.accept_lens.tolist() == [2, 2, 2])
-        report.check("worker step without host lengths: draft and verify planned from the reserved bounds", ok,
+              and verify_host_lens == [(reserved, sum(reserved))] and b.seq_lens_cpu.tolist() == lagging
+              and b.seq_lens_sum == sum(lagging) and result.accept_lens.tolist() == [2, 2, 2])
+        report.check("worker step without exact host lengths: draft and verify planned from the reserved bounds", ok,
                      None if ok else {"draft": seen["draft"].seq_lens_cpu.tolist(), "verify": verify_host_lens})
         # Scheduled verification: the planner's width W verifies W - 1 drafts; W = 1 drafts nothing at all.
         worker._sampler, worker._simulation = None, None

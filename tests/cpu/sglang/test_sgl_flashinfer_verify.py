@@ -58,8 +58,9 @@ def test_fast_prefill_plan_passes_disable_split_kv(dspark_plugin):
 
 def test_no_seq_lens_sync_opt_out(dspark_plugin, monkeypatch):
     """``SGLANG_DSPARK_NO_SEQ_LENS_SYNC=1``: once the scheduler has built the attention backends (after the
-    workers: ``init_attention_backends``), both FlashInfer backends opt out of the host seq_lens mirror; any
-    other backend is refused with the knob's name. Without the knob nothing changes."""
+    workers: ``init_attention_backends``), both FlashInfer backends opt out of the host seq_lens mirror and the
+    worker plans from the reserved bounds; any other backend is refused with the knob's name. Without the knob
+    nothing changes."""
     from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 
     import sglang_dspark.worker as worker_module
@@ -76,12 +77,13 @@ def test_no_seq_lens_sync_opt_out(dspark_plugin, monkeypatch):
         )
         monkeypatch.setenv(worker_module.NO_SEQ_LENS_SYNC_ENV, env)
         worker.init_attention_backends()
+        return worker
 
     target, draft = object.__new__(FlashInferAttnBackend), object.__new__(FlashInferAttnBackend)
     assert target.needs_cpu_seq_lens and draft.needs_cpu_seq_lens  # SGLang's default for FlashInfer
-    init_backends(target, draft, "0")
+    assert not init_backends(target, draft, "0")._lengths_from_bounds
     assert target.needs_cpu_seq_lens and draft.needs_cpu_seq_lens
-    init_backends(target, draft, "1")
+    assert init_backends(target, draft, "1")._lengths_from_bounds  # the worker then plans from the reserved bounds
     assert target.needs_cpu_seq_lens is False and draft.needs_cpu_seq_lens is False
     other = types.SimpleNamespace(needs_cpu_seq_lens=True)
     with pytest.raises(ValueError, match="SGLANG_DSPARK_NO_SEQ_LENS_SYNC=1 needs FlashInfer"):
