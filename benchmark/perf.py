@@ -8,7 +8,7 @@ One run measures one engine: its own no-speculation server and its DSPARK at sim
 (``SGLANG_DSPARK_SIMULATE_ACC_PROFILE``; SGLang 0.5.17 has no profile knob, so it gets the profile's mean
 2.33 as ``SGLANG_SIMULATE_ACC_LEN`` instead). Servers: ``tests/gpu/qwen3_8b`` target and draft configs,
 ``--load-format dummy``, the same flags for every engine and setting; three at a time on the one GPU
-(started together, measured one after the other). Load: random 512-id prompts, 512 new tokens, greedy,
+(started together, measured one after the other once all three are up). Load: random 512-id prompts, 512 new tokens, greedy,
 ``ignore_eos``, ``2 x concurrency`` requests (3 at concurrency 1) after a warm-up; output tok/s = all
 completion tokens / wall time. ``--breakdown`` (ours) adds a server with ``SGLANG_DSPARK_STEP_TIMING``
 and records its per-phase step times per batch size (``sglang_dspark.timing``; its throughput is not a
@@ -147,11 +147,20 @@ def main() -> int:
             port += 10
         for *_, server in wave:
             server.start()
-        for name, env, extra, server in wave:
-            entry = results["settings"].setdefault(name, {"env": env, "flags": extra, "points": []})
+        # Every server of the wave is up before any is measured: one still starting (capturing graphs, timing its
+        # cost profile) would share the GPU with the one measured.
+        failed: dict[str, Exception] = {}
+        for name, _, _, server in wave:
             try:
                 server.start_timeout = (time.time() - server.started_at) + max(30.0, deadline - time.time() - 30)
                 server.wait_ready()
+            except Exception as exc:  # noqa: BLE001 - recorded below with the setting
+                failed[name] = exc
+        for name, env, extra, server in wave:
+            entry = results["settings"].setdefault(name, {"env": env, "flags": extra, "points": []})
+            try:
+                if name in failed:
+                    raise failed[name]
                 entry["server"] = server.describe()
                 server.deadline = deadline - 15
                 server.generate(prompts(1, 99)[0], {"temperature": 0.0, "max_new_tokens": 64, "ignore_eos": True})

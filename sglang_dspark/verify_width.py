@@ -13,9 +13,12 @@ measured, so choosing it adds no host synchronisation:
   ``gamma + 1`` numbers to pinned host memory without blocking. The next step reads them if the copy has
   landed (else the older ones) and takes the width maximising expected committed tokens per millisecond::
 
-      theta(W) = bs * (1 + G[W]) / (draft_ms(bs) * [W > 1] + verify_ms(bs * W))
+      theta(W) = bs * (1 + G[W]) / (overhead_ms + draft_ms(bs) * [W > 1] + verify_ms(bs * W))
 
-  with the cost profile (``sglang_dspark.cost_profile``). ``W = 1`` is a plain decode step: nothing is
+  with the cost profile (``sglang_dspark.cost_profile``), which times the GPU work of a step, and
+  ``overhead_ms``, the part of a step the profile does not see (scheduling, output processing; it dominates
+  small models, where every width costs about the same): the host clock between two steps minus the
+  profile's cost of the earlier one, averaged. ``W = 1`` is a plain decode step: nothing is
   drafted, so nothing new is measured; every ``probe`` such steps (doubling while the answer stays 1) one
   step drafts and verifies ``W = 2`` to measure again.
 * ``VerifyGraphs`` holds the target's ``TARGET_VERIFY`` CUDA graphs for widths ``1..gamma`` (SGLang's own
@@ -32,8 +35,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections import Counter
 import logging
 import statistics
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Optional
@@ -51,17 +56,27 @@ class WidthPlanner:
     """Per-step verify width from lagged, calibrated confidences (module docstring).
 
     ``decay`` is per observed sample (0.99: the calibration follows roughly the last 100 requests that
-    reached a position); ``probe`` is (first, largest) number of plain decode steps between two probes.
+    reached a position); ``probe`` is (first, largest) number of plain decode steps between two probes;
+    ``clock`` gives host seconds (the step overhead estimate).
     """
+
+    OVERHEAD_DECAY = 0.9  # per step
+    LOG_EVERY_S = 60.0  # a summary of the widths chosen, in the server log
+    GAP_FACTOR, GAP_MS = 3.0, 20.0  # a gap longer than 3 x the predicted step + 20 ms was not one step (idle, prefill)
 
     def __init__(
         self, gamma: int, cost: CostProfile, device: torch.device | str, *, decay: float = 0.99,
-        probe: tuple[int, int] = (4, 32),
+        probe: tuple[int, int] = (4, 32), clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.gamma = gamma
         self.cost = cost
         self.decay = decay
         self.probe_first, self.probe_max = probe
+        self.clock = clock
+        self.overhead_ms = 0.0
+        self._last_step: Optional[tuple[float, float]] = None  # (host time, predicted ms) of the last step
+        self.widths: Counter[int] = Counter()  # widths chosen since the last summary
+        self._logged_at = clock()
         # Calibration sums per position, float32 [gamma], starting at one pseudo-observation of ratio 1.
         self.predicted = torch.ones((gamma,), dtype=torch.float32, device=device)
         self.accepted = torch.ones((gamma,), dtype=torch.float32, device=device)
@@ -72,14 +87,49 @@ class WidthPlanner:
         self._plain_steps = 0
         self._probe_every = self.probe_first
 
+    def step_ms(self, bs: int, width: int) -> float:
+        """Predicted ms of a step: the profile's draft (when drafting) and verify, plus the measured overhead."""
+        draft = self.cost.draft_ms(bs) if width > 1 else 0.0
+        return self.overhead_ms + draft + self.cost.verify_ms(bs * width)
+
     def theta(self, bs: int, width: int, gains: Sequence[float]) -> float:
         """Expected committed tokens per ms of a step of ``bs`` requests verifying ``width`` tokens each."""
-        draft = self.cost.draft_ms(bs) if width > 1 else 0.0
-        return bs * (1.0 + gains[width]) / (draft + self.cost.verify_ms(bs * width))
+        return bs * (1.0 + gains[width]) / self.step_ms(bs, width)
 
     def width(self, bs: int) -> int:
         """The verify width (``1..gamma + 1``) of the next step of ``bs`` requests: host only, no sync."""
         self._poll()
+        self._time_step()
+        width = self._choose(bs)
+        now = self.clock()
+        self._last_step = (now, self.step_ms(bs, width) - self.overhead_ms)
+        self.widths[width] += 1
+        if now - self._logged_at >= self.LOG_EVERY_S:
+            logger.info("DSPARK scheduled verification: %s", self.summary())
+            self.widths.clear()
+            self._logged_at = now
+        return width
+
+    def summary(self) -> str:
+        """Widths chosen since the last summary (share of steps), the overhead estimate and the expected accepted
+        drafts per request at full width."""
+        steps = sum(self.widths.values()) or 1
+        shares = ", ".join(f"{w}: {100 * n / steps:.0f}%" for w, n in sorted(self.widths.items()))
+        full = "n/a" if self.gains is None else f"{self.gains[self.gamma + 1]:.2f}"
+        return (f"verify widths over {sum(self.widths.values())} steps {{{shares}}}, step overhead "
+                f"{self.overhead_ms:.2f} ms, expected accepted drafts at full width {full}")
+
+    def _time_step(self) -> None:
+        """Fold the host time since the last step, minus the profile's cost of that step, into the overhead."""
+        if self._last_step is None:
+            return
+        start, predicted = self._last_step
+        gap = (self.clock() - start) * 1000.0
+        if gap <= self.GAP_FACTOR * predicted + self.GAP_MS:
+            sample = max(gap - predicted, 0.0)
+            self.overhead_ms = self.OVERHEAD_DECAY * self.overhead_ms + (1 - self.OVERHEAD_DECAY) * sample
+
+    def _choose(self, bs: int) -> int:
         if self.gains is None:  # nothing measured yet: verify everything
             return self.gamma + 1
         best = max(range(1, self.gamma + 2), key=lambda w: self.theta(bs, w, self.gains))

@@ -106,3 +106,47 @@ def test_measure_profile_medians_per_total(monkeypatch):
     assert profile.points == ((1, 1.0), (2, 2.0), (4, 4.0), (8, 8.0))
     assert profile.draft_points == ((1, 0.5), (2, 1.0)) and profile.source == "measured"
     assert measure_profile({}, lambda bs: None, [1], device="cpu", model="m", dtype="f") is None
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_step_overhead_from_the_host_clock():
+    """Steps arriving 4 ms later than the profile's GPU time (10 ms for a plain step at batch 1, 22 ms for a probe)
+    leave 4 ms per step the profile does not see; an idle gap is not a step."""
+    clock = Clock()
+    planner = WidthPlanner(GAMMA, COST, "cpu", clock=clock)
+    planner.gains = [0.0] * (GAMMA + 2)  # nothing is ever accepted: plain steps (and probes)
+    for _ in range(200):
+        width = planner.width(1)
+        clock.now += (planner.step_ms(1, width) - planner.overhead_ms + 4.0) / 1000.0
+    assert planner.overhead_ms == pytest.approx(4.0, rel=0.01)
+    clock.now += 5.0  # idle for 5 s: not a step
+    planner.width(1)
+    assert planner.overhead_ms == pytest.approx(4.0, rel=0.01)
+
+
+def test_overhead_widens_the_verify_at_high_load():
+    """With the per-step overhead of a CPU-bound server, verifying more drafts costs relatively less: the width
+    that was best without it (3, test_width_falls_with_load) gives way to a wider one."""
+    planner = WidthPlanner(GAMMA, COST, "cpu")
+    planner.gains = [0.0, 0.0] + [sum(0.7**k for k in range(1, w)) for w in range(2, GAMMA + 2)]
+    planner.overhead_ms = 40.0
+    best = max(range(1, GAMMA + 2), key=lambda w: planner.theta(64, w, planner.gains))
+    assert best > 3 and planner._choose(64) == best
+
+
+def test_summary_in_the_log(caplog):
+    clock = Clock()
+    planner = WidthPlanner(GAMMA, COST, "cpu", clock=clock)
+    with caplog.at_level("INFO", logger="sglang_dspark"):
+        planner.width(4)
+        clock.now += WidthPlanner.LOG_EVERY_S
+        planner.width(4)
+    assert "verify widths over 2 steps {8: 100%}" in caplog.text and "at full width n/a" in caplog.text
+    assert not planner.widths  # counted afresh after each summary
