@@ -113,7 +113,7 @@ def test_non_dspark_draft_is_rejected(parse):
         parse(draft=dflash_draft)
 
 
-def test_help_documents_the_block_size_flag(dspark_plugin):
+def test_help_documents_the_dspark_flags(dspark_plugin):
     from sglang.srt.server_args import ServerArgs
 
     parser = argparse.ArgumentParser()
@@ -121,6 +121,9 @@ def test_help_documents_the_block_size_flag(dspark_plugin):
     text = " ".join(parser.format_help().split())
     assert "--speculative-dspark-block-size" in text
     assert "DSPARK only. Number of tokens drafted per block (gamma)." in text
+    assert "--speculative-dspark-verify {scheduled,full}" in text
+    assert "'full': verify all gamma drafts every step." in text
+    assert "--speculative-dspark-cost-profile" in text
 
 
 def test_dflash_resolution_is_unchanged(parse):
@@ -189,14 +192,3 @@ def test_cost_profile_file_is_read_at_launch(parse, tmp_path):
     bad.write_text('{"format": "sglang-dspark-cost-profile", "version": 1, "points": [[1, 6.0]]}')
     with pytest.raises(ValueError, match="bad.json.*'points' needs at least 2 points"):
         parse("--speculative-dspark-cost-profile", str(bad))
-
-
-def test_help_documents_the_verification_flags(dspark_plugin):
-    from sglang.srt.server_args import ServerArgs
-
-    parser = argparse.ArgumentParser()
-    ServerArgs.add_cli_args(parser)
-    text = " ".join(parser.format_help().split())
-    assert "--speculative-dspark-verify {scheduled,full}" in text
-    assert "'full': verify all gamma drafts every step." in text
-    assert "--speculative-dspark-cost-profile" in text
