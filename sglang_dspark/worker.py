@@ -626,11 +626,9 @@ class DSparkWorker(DFlashWorkerV2):
         scheduler's host mirror (committed + width), or with ``SGLANG_DSPARK_NO_SEQ_LENS_SYNC`` the reserved
         upper bounds, which FlashInfer may only plan from without a KV split (patch 0010 sees to that).
 
-        Under that knob ``batch.seq_lens_cpu`` is not None but the seed of ``DFlashDraftInputV2.prepare_for_decode``,
-        committed lengths one step behind (the resolve that would overwrite it is what the knob removes): up to
-        gamma + 1 tokens short per request, so it must not be used. Sizes taken from it would cut the KV index
-        list that the sync-free plan copies (``fast_prefill_plan`` copies ``seq_lens_sum`` entries), leaving stale
-        slots at the end of the last requests' attention."""
+        Under that knob the bounds are used whatever ``batch.seq_lens_cpu`` holds: the scheduler's resolve sets it
+        to None, but returns early for a batch without future indices, leaving the seed of
+        ``DFlashDraftInputV2.prepare_for_decode`` (committed lengths one step behind), which would under-count."""
         if self._lengths_from_bounds:
             if draft_input.reserved_seq_lens_cpu is None:
                 raise RuntimeError(f"DSPARK with {NO_SEQ_LENS_SYNC_ENV}=1 needs the reserved sequence lengths.")

@@ -209,10 +209,12 @@ def test_rejection_accept_same_decisions_as_reference_for_the_same_coins():
     assert bool((residual.gather(-1, bonus[:, None]) > 0).all())
 
 
-def test_rejection_accept_is_exact():
+@pytest.mark.parametrize("gamma", [1, 3])
+def test_rejection_accept_is_exact(gamma):
     """Context-free p_j, q_j: the emitted k-th token (given that it exists) must follow p_{k-1} exactly,
-    and P(a >= 1) must be sum_x min(p_0, q_0)."""
-    n, gamma, vocab = 120_000, 3, 5
+    and P(a >= 1) must be sum_x min(p_0, q_0). Any number of verified drafts: scheduled verification passes
+    the first W - 1 drafts (gamma = 1: one draft, the probe step)."""
+    n, vocab = 120_000, 5
     p, q = _random_pq(1, gamma, vocab, seed=10)
     gen = torch.Generator().manual_seed(11)
     drafts = torch.stack(

@@ -276,9 +276,9 @@ def check_worker_step(report: Report) -> None:
               and worker._sampler.greedy.tolist() == [True, False, True])
         report.check("worker step (simulated ACC_LEN=2, graph path): one draft + the target's token", ok,
                      None if ok else out.tolist())
-        # No exact host mirror of the lengths (SGLANG_DSPARK_NO_SEQ_LENS_SYNC): the batch's seq_lens_cpu is the
-        # scheduler's seed, committed lengths one step behind; draft and verify plan from the reserved upper bounds
-        # instead, and the batch keeps its seed for the scheduler.
+        # No exact host mirror of the lengths (SGLANG_DSPARK_NO_SEQ_LENS_SYNC): even where the batch still holds the
+        # scheduler's seed (committed lengths one step behind), draft and verify plan from the reserved upper
+        # bounds, and the batch keeps its seed for the scheduler.
         b = batch(bonus, prefix, [True, True, True])
         lagging = [p - gamma for p in prefix]
         b.seq_lens_cpu, b.seq_lens_sum = torch.tensor(lagging), sum(lagging)
