@@ -474,7 +474,7 @@ class DSparkWorker(DFlashWorkerV2):
         draws = torch.rand((bs, 2 * gamma + 2), device=self.device)
 
         # Verify width W (W - 1 drafts per request): chosen from earlier steps only (scheduled verification).
-        width = self.verify_width if self._planner is None else self._planner.width(bs)
+        width = self.verify_width if self._planner is None else self._step_width(bs)
         ids, positions, cache_loc = self._verify_window(batch, draft_input.bonus_tokens)
         timer.mark("prepare")
         block = None
@@ -543,6 +543,15 @@ class DSparkWorker(DFlashWorkerV2):
             speculative_num_draft_tokens=self.verify_width,
             new_seq_lens=layout.new_seq_lens,
         )
+
+    def _step_width(self, bs: int) -> int:
+        """The planner's verify width for this step; under TP, TP rank 0's, sent to the other ranks over the TP
+        group's CPU side (each rank's host clock and the moment its lagged copy of the gains lands differ; the
+        width must not)."""
+        width = self._planner.width(bs)
+        if self._tp_group is not None:
+            width = int(self._tp_group.broadcast_object(width, src=0))
+        return width
 
     def _from_tp_rank0(self, draws: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """TP rank 0's uniforms (float32 ``[bs, 2 * gamma + 2]``) and draft hidden states (``[bs * gamma, d]``) on

@@ -184,6 +184,7 @@ class _BroadcastGroup:
 
     def __init__(self, rank: int = 0, network: dict | None = None) -> None:
         self.rank, self.network, self.world_size, self.calls = rank, {} if network is None else network, 2, []
+        self.objects = []  # broadcast_object calls: (src, object sent or received)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         self.calls.append((src, tensor.dtype, tensor.numel()))
@@ -192,6 +193,12 @@ class _BroadcastGroup:
         else:
             tensor.copy_(self.network["payload"])
         return tensor
+
+    def broadcast_object(self, obj=None, src: int = 0):
+        if self.rank == src:
+            self.network["object"] = obj
+        self.objects.append((src, self.network["object"]))
+        return self.network["object"]
 
 
 @pytest.mark.parametrize("dtype, bs, gamma, d", [(torch.bfloat16, 3, 7, 64), (torch.float32, 1, 3, 5),
@@ -230,3 +237,21 @@ def test_decode_step_broadcasts_once_per_step(dspark_plugin, tmp_path, monkeypat
     failed = [c for c in checks if not c["ok"]]
     assert len(checks) == 6 and not failed, failed
     assert [src for src, _, _ in group.calls] == [0] * 6
+    assert group.objects == [(0, 3), (0, 1)]  # the scheduled steps' widths, from rank 0
+
+
+def test_every_rank_takes_rank0_verify_width(dspark_plugin):
+    """Scheduled verification under TP: each rank's planner may see other host times and lagged gains; the step
+    runs rank 0's width on every rank."""
+    import types
+
+    from sglang_dspark.worker import DSparkWorker
+
+    network: dict = {}
+    widths = []
+    for rank, own in ((0, 2), (1, 5)):
+        worker = object.__new__(DSparkWorker)
+        worker.__dict__.update(_planner=types.SimpleNamespace(width=lambda bs, own=own: own),
+                               _tp_group=_BroadcastGroup(rank, network))
+        widths.append(worker._step_width(8))
+    assert widths == [2, 2]
