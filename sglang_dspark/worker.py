@@ -14,8 +14,11 @@ length ``P`` and pending bonus token ``x_0`` per request (no host synchronisatio
    when possible), then the Markov head samples ``x_1..x_gamma`` left to right and the confidence head
    scores them, replayed from their own CUDA graphs (``DSparkDraftSampler``: an all-greedy variant that
    builds no draft distribution, and a sampled one), or eagerly above the largest captured batch;
-3. verify: the target's TARGET_VERIFY forward over ``[x_0, x_1..x_gamma]`` (its own CUDA graph, width
-   gamma + 1) with the aux hidden states of the draft's target layers captured;
+3. verify: the target's TARGET_VERIFY forward over ``[x_0, x_1..x_{W-1}]`` (its own CUDA graph per width)
+   with the aux hidden states of the draft's target layers captured. ``W = gamma + 1`` with
+   ``--speculative-dspark-verify full``; with ``scheduled`` (the default with a confidence head) the width of
+   the step is chosen on the host from earlier steps (``sglang_dspark.verify_width``), and ``W = 1`` skips
+   step 2 (a plain decode step);
 4. accept: greedy matching for ``top_k <= 1`` requests, exact rejection sampling for the others, in one
    batch (``sglang_dspark.accept``); or simulated acceptance when the environment asks for it;
 5. publish ``P + a + 1``, write the draft context K/V of the ``a + 1`` committed positions from the
