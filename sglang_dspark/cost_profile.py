@@ -24,12 +24,18 @@ CLI::
 
     python -m sglang_dspark.cost_profile measure --forward MODULE:FACTORY [--forward-arg K=V ...]
         [--draft-forward MODULE:FACTORY [--draft-forward-arg K=V ...]] --out PATH [--tokens 1,2,4,...]
+    python -m sglang_dspark.cost_profile server --out PATH [--timeout S] -- LAUNCH_SERVER_ARGS...
     python -m sglang_dspark.cost_profile show PATH
     python -m sglang_dspark.cost_profile builtin --target-params 8.2e9 [--draft-params 1.0e9] --out PATH
 
 ``FACTORY(**kwargs)`` (kwargs are the ``--forward-arg`` strings) returns ``forward(n: int)``, which runs one
 forward of ``n`` total tokens (verify) or ``n`` requests (draft) on the device. ``--forward synthetic`` is a
 built-in stack of dense MLP layers (``synthetic_forward``), a sanity check of the timing on any device.
+``server`` is the profiler of the deployed model: it starts ``python -m sglang.launch_server`` with the
+given DSPARK flags and ``--speculative-dspark-cost-profile auto`` (the server times its own captured verify
+and draft CUDA graphs at start-up, per verify width and batch size), takes the profile the server writes to
+``$SGLANG_DSPARK_COST_PROFILE_OUT`` and stops the server; pass the file to later servers on the same GPU and
+model with ``--speculative-dspark-cost-profile PATH``.
 """
 
 from __future__ import annotations
@@ -39,8 +45,11 @@ import importlib
 import json
 import logging
 import math
+import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -57,6 +66,8 @@ FORMAT = "sglang-dspark-cost-profile"
 VERSION = 1
 DEFAULT_TOKEN_GRID = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512, 768, 1024)
 DEFAULT_BATCH_GRID = (1, 2, 4, 8, 16, 24, 32, 48, 64)
+OUT_ENV = "SGLANG_DSPARK_COST_PROFILE_OUT"  # where a server started with ``auto`` writes what it measured
+LAUNCH_SERVER = (sys.executable, "-m", "sglang.launch_server")
 
 Points = tuple[tuple[int, float], ...]
 
@@ -479,6 +490,50 @@ def measure_profile(args: argparse.Namespace, argv: Sequence[str]) -> CostProfil
     )
 
 
+def profile_from_server(
+    out: Path, server_args: Sequence[str], timeout_s: float = 900.0, launcher: Sequence[str] = LAUNCH_SERVER
+) -> CostProfile:
+    """Start ``launcher + server_args + --speculative-dspark-cost-profile auto`` with ``OUT_ENV=out``, wait until
+    the server has written a valid profile there, stop the server (its whole process group) and return the
+    profile. The server's output goes to ``out`` with the suffix ``.server.log``, named in every error."""
+    if "--speculative-algorithm" not in server_args:
+        raise CostProfileError("server: pass the DSPARK launch flags after --, e.g. --model-path M "
+                               "--speculative-algorithm DSPARK --speculative-draft-model-path D")
+    out.unlink(missing_ok=True)
+    log_path = out.with_name(out.name + ".server.log")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [*launcher, *server_args, "--speculative-dspark-cost-profile", "auto"],
+            env={**os.environ, OUT_ENV: str(out)}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                if out.exists():
+                    try:
+                        return CostProfile.load(out)
+                    except CostProfileError:  # still being written
+                        pass
+                if proc.poll() is not None:
+                    raise CostProfileError(
+                        f"server: exited with {proc.returncode} before writing {out} (log: {log_path})")
+                time.sleep(0.5)
+            raise CostProfileError(f"server: no cost profile in {out} after {timeout_s:g} s (log: {log_path})")
+        finally:
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sglang_dspark.cost_profile",
@@ -498,6 +553,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default="unknown", help="recorded in the file")
     m.add_argument("--dtype", default="bfloat16", help="recorded in the file")
     m.add_argument("--out", required=True, type=Path)
+    v = sub.add_parser("server", help="start an SGLang DSPARK server, take the profile it measures, stop it")
+    v.add_argument("--out", required=True, type=Path)
+    v.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the server's profile")
+    v.add_argument("server_args", nargs=argparse.REMAINDER, help="-- then the launch_server flags")
     s = sub.add_parser("show", help="print a profile file as a table")
     s.add_argument("path", type=Path)
     b = sub.add_parser("builtin", help="write the built-in roofline fallback (see builtin_profile)")
@@ -519,6 +578,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "measure":
             profile = measure_profile(args, argv)
             profile.save(args.out)
+            print(f"wrote {args.out}\n{profile.table()}")
+        elif args.command == "server":
+            server_args = args.server_args[1:] if args.server_args[:1] == ["--"] else args.server_args
+            profile = profile_from_server(args.out, server_args, args.timeout)
             print(f"wrote {args.out}\n{profile.table()}")
         elif args.command == "show":
             print(CostProfile.load(args.path).table())

@@ -63,6 +63,7 @@ from sglang_dspark.accept import (
     target_token_at,
 )
 from sglang_dspark.config import DSparkConfig
+from sglang_dspark.cost_profile import OUT_ENV as COST_PROFILE_OUT_ENV
 from sglang_dspark.cost_profile import CostProfile, builtin_profile
 from sglang_dspark.model import DSparkDraftModel
 from sglang_dspark.timing import CpuProfile, StepTimer
@@ -78,7 +79,6 @@ logger = logging.getLogger("sglang_dspark")
 
 _DFLASH_LOGGER = "sglang.srt.speculative.dflash_worker_v2"
 NO_SEQ_LENS_SYNC_ENV = "SGLANG_DSPARK_NO_SEQ_LENS_SYNC"
-COST_PROFILE_OUT_ENV = "SGLANG_DSPARK_COST_PROFILE_OUT"
 
 
 class _DropDflashBlockSizeWarning(logging.Filter):
@@ -299,7 +299,7 @@ class DSparkWorker(DFlashWorkerV2):
     def _cost_profile(self) -> CostProfile:
         """--speculative-dspark-cost-profile: a file, the captured graphs timed now (auto), or the roofline
         estimate (builtin, and auto without CUDA graphs). ``SGLANG_DSPARK_COST_PROFILE_OUT=PATH`` saves a
-        measured profile (the profiler command: start a server with it, then pass the file)."""
+        measured profile (``python -m sglang_dspark.cost_profile server`` sets it)."""
         choice = self.server_args.speculative_dspark_cost_profile
         target = self.target_worker.model_runner
         if choice not in ("auto", "builtin"):
