@@ -35,10 +35,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections import Counter
 import logging
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Optional
