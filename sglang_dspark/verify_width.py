@@ -45,7 +45,7 @@ from typing import Any, Optional
 
 import torch
 
-from sglang_dspark.cost_profile import CostProfile
+from sglang_dspark.cost_profile import CostProfile, CudaEventTimer, Timer, measure_points
 
 logger = logging.getLogger("sglang_dspark")
 
@@ -152,14 +152,14 @@ class WidthPlanner:
         the head's logits float ``[bs, gamma]`` and the accepted counts int ``[bs]``, then publish ``G`` for
         the next step (device work and a non-blocking copy only)."""
         positions = torch.arange(verified, device=accepted.device)
-        confidence = torch.sigmoid(confidence_logits[:, :verified].float())
+        confidence = torch.sigmoid(confidence_logits.float())  # [bs, gamma]
         reached = (positions <= accepted[:, None]).float()  # [bs, verified]: drafts 1..k-1 were accepted
         hits = (positions < accepted[:, None]).float()
         keep = torch.pow(self.decay, reached.sum(0))  # [verified]: decay per sample seen at each position
-        self.predicted[:verified].mul_(keep).add_((confidence * reached).sum(0))
+        self.predicted[:verified].mul_(keep).add_((confidence[:, :verified] * reached).sum(0))
         self.accepted[:verified].mul_(keep).add_(hits.sum(0))
         ratio = self.accepted / self.predicted  # [gamma]
-        conditional = (torch.sigmoid(confidence_logits.float()) * ratio).clamp_(max=1.0)
+        conditional = (confidence * ratio).clamp_(max=1.0)
         survival = conditional.cumprod(dim=-1)  # [bs, gamma]
         gains = torch.zeros((self.gamma + 2,), dtype=torch.float32, device=accepted.device)
         gains[2:] = survival.cumsum(-1).mean(0)  # G[W] = expected accepted drafts when verifying W - 1
@@ -226,21 +226,6 @@ class VerifyGraphs:
         return runners
 
 
-def time_ms(replay: Callable[[], object], repeats: int = 5, warmup: int = 2) -> float:
-    """Median GPU time of ``replay()`` in ms (CUDA events; synchronises)."""
-    for _ in range(warmup):
-        replay()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def graph_replay(runner: Any, bs: int) -> Optional[Callable[[], object]]:
     """A callable running ``runner``'s captured graph of batch size ``bs`` the way serving does (SGLang's
     ``execute``: attention planned, graph replayed) on the runner's capture-time dummy batch, or None when
@@ -253,27 +238,27 @@ def graph_replay(runner: Any, bs: int) -> Optional[Callable[[], object]]:
 
 def measure_profile(
     verify_runners: dict[int, Any], draft_replay: Callable[[int], Optional[Callable[[], object]]],
-    batch_sizes: Sequence[int], *, device: str, model: str, dtype: str,
+    batch_sizes: Sequence[int], *, device: str, model: str, dtype: str, timer: Timer = CudaEventTimer(),
 ) -> Optional[CostProfile]:
     """Cost profile from the captured graphs: ``verify_ms`` over total tokens ``bs * W`` (median over the
     (bs, W) pairs giving the same total) and ``draft_ms`` over ``bs`` (``draft_replay(bs)`` replays one draft
-    pass). Attention runs at the capture-time (dummy) lengths, so the profile leaves out attention's growth
-    with context (about the same for every width at a given batch size). None when no graph could be timed."""
+    pass), each point the median of 5 timed runs after 2 untimed ones (``measure_points``). Attention runs at
+    the capture-time (dummy) lengths, so the profile leaves out attention's growth with context (about the
+    same for every width at a given batch size). None when no graph could be timed."""
+
+    def points(replay: Callable[[int], Optional[Callable[[], object]]]) -> tuple[tuple[int, float], ...]:
+        runs = {bs: run for bs in batch_sizes if (run := replay(bs)) is not None}
+        return measure_points(lambda bs: runs[bs](), list(runs), timer, warmup=2, repeats=5) if runs else ()
+
     by_tokens: dict[int, list[float]] = {}
-    draft_points = []
-    for bs in batch_sizes:
-        for width, runner in sorted(verify_runners.items()):
-            replay = graph_replay(runner, bs)
-            if replay is not None:
-                by_tokens.setdefault(bs * width, []).append(time_ms(replay))
-        draft = draft_replay(bs)
-        if draft is not None:
-            draft_points.append((bs, time_ms(draft)))
+    for width, runner in sorted(verify_runners.items()):
+        for bs, ms in points(lambda bs, runner=runner: graph_replay(runner, bs)):
+            by_tokens.setdefault(bs * width, []).append(ms)
     if len(by_tokens) < 2:
         return None
-    points = tuple((t, statistics.median(ms)) for t, ms in sorted(by_tokens.items()))
     return CostProfile(
-        points=points, draft_points=tuple(draft_points), device=device, model=model, dtype=dtype,
+        points=tuple((t, statistics.median(ms)) for t, ms in sorted(by_tokens.items())),
+        draft_points=points(draft_replay), device=device, model=model, dtype=dtype,
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"), source="measured",
         meta={"how": "captured CUDA graphs executed at start-up on their dummy batches"},
     )

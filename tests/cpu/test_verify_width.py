@@ -86,10 +86,8 @@ def test_calibration_log(tmp_path):
                     {"confidence": [0.5] * 3, "accepted": 2, "verified": 3}]
 
 
-def test_measure_profile_medians_per_total(monkeypatch):
+def test_measure_profile_medians_per_total():
     """(bs, W) pairs with the same total bs * W give one point (their median); the draft curve is per bs."""
-    import sglang_dspark.verify_width as vw
-
     class Runner:  # a DecodeCudaGraphRunner's capture_prepare / execute
         def __init__(self, width):
             self.width, self.capture_bs = width, [1, 2, 4]
@@ -100,12 +98,14 @@ def test_measure_profile_medians_per_total(monkeypatch):
         def execute(self, forward_batch):
             return forward_batch * self.width  # the "time" of the run, read back by the fake timer below
 
-    monkeypatch.setattr(vw, "time_ms", lambda replay: float(replay()))
+    def timer(forward, n):  # the "time" of a run is what it returns
+        return float(forward(n))
+
     profile = measure_profile({1: Runner(1), 2: Runner(2)}, lambda bs: (lambda: 0.5 * bs) if bs < 4 else None,
-                              [1, 2, 4, 8], device="cpu", model="m", dtype="float32")
+                              [1, 2, 4, 8], device="cpu", model="m", dtype="float32", timer=timer)
     assert profile.points == ((1, 1.0), (2, 2.0), (4, 4.0), (8, 8.0))
     assert profile.draft_points == ((1, 0.5), (2, 1.0)) and profile.source == "measured"
-    assert measure_profile({}, lambda bs: None, [1], device="cpu", model="m", dtype="f") is None
+    assert measure_profile({}, lambda bs: None, [1], device="cpu", model="m", dtype="f", timer=timer) is None
 
 
 class Clock:

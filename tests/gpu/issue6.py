@@ -245,15 +245,15 @@ def stop_all(servers: list[Server]) -> None:
 # ---- load ----------------------------------------------------------------------------------------------
 
 
-def humaneval_prompts(n: int) -> list[list[int]]:
-    """``n`` HumanEval code blocks as token ids of the fixture tokenizer, in file order, starting over after the
-    last (164) one (the servers run without a radix cache, so a repeated prompt costs what a new one does)."""
+def humaneval_prompts() -> list[list[int]]:
+    """The 164 HumanEval code blocks as token ids of the fixture tokenizer, in file order. Loads of more
+    requests start over from the first (the servers run without a radix cache, so a repeated prompt costs what
+    a new one does)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(TINY_TARGET)
     rows = [json.loads(line) for line in HUMANEVAL.read_text().splitlines() if line.strip()]
-    ids = [tokenizer.encode(row["text"]) for row in rows[:n]]
-    return [ids[i % len(ids)] for i in range(n)]
+    return [tokenizer.encode(row["text"]) for row in rows]
 
 
 def greedy(max_new_tokens: int) -> dict[str, Any]:
@@ -387,7 +387,7 @@ def part_b_checks(report: Report, state: dict[str, dict], records: dict[str, Any
 
 def identity_part(report: Report, state: dict[str, dict]) -> None:
     results = report.data["results"]
-    prompts = humaneval_prompts(IDENTITY_PROMPTS)
+    prompts = humaneval_prompts()[:IDENTITY_PROMPTS]
     runs: dict[str, list[dict]] = {}
     for name in ("det-nospec", "det-scheduled"):
         if not ready(state, name):
@@ -590,7 +590,7 @@ def main() -> int:
         for name, shift in (("weak", None), ("weak-recal", WEAK_CONF_SHIFT)):
             if name == "weak" or shift is not None:
                 weak_dirs[name], weak_records[name] = make_weak(f"tiny-qwen3-dspark-{name}", shift)
-        run.prompts = humaneval_prompts(max(requests_for(c) for c in CONCURRENCIES))
+        run.prompts = humaneval_prompts()
         calib_log = WORK / "calibration-records.jsonl"
         calib_log.unlink(missing_ok=True)
         wave1(run, calib_log)
