@@ -56,6 +56,55 @@ def test_fast_prefill_plan_passes_disable_split_kv(dspark_plugin):
         assert len(calls) == 1 and calls[0][-2] is disable and calls[0][-3] == -1  # no fixed split size given
 
 
+@pytest.mark.parametrize("needs_cpu", [True, False])
+def test_verify_plan_splits_kv_only_with_host_lengths(dspark_plugin, needs_cpu):
+    """Patch 0010: a backend that opted out of the host seq_lens mirror plans DSPARK's verify without a KV split
+    at capture (FlashInfer's real ``plan``) as well as at replay (``fast_prefill_plan``). In CUDA-graph mode
+    FlashInfer always splits unless told not to, and a graph captured with a split keeps launching the split
+    kernel and its merge, which a replay planned without one leaves reading the stale split layout."""
+    from functools import partial
+
+    from sglang.srt.layers.attention.flashinfer_backend import FlashInferIndicesUpdaterPrefill, fast_prefill_plan
+    from sglang.srt.speculative.dflash_info import DFlashVerifyInput
+
+    bs, width = 2, 3
+    lens = torch.tensor([10, 15], dtype=torch.int32)
+    kv_indptr = torch.tensor([0, 10, 25], dtype=torch.int32)
+    qo_indptr = torch.arange(0, (bs + 1) * width, width, dtype=torch.int32)
+
+    class Verify(DFlashVerifyInput):
+        def generate_attn_arg_prefill(self, *args, **kwargs):
+            return torch.arange(25, dtype=torch.int32), kv_indptr, qo_indptr, None
+
+    spec_info = Verify(draft_token=torch.zeros(bs * width), positions=torch.zeros(bs * width), draft_token_num=width)
+    updater = types.SimpleNamespace(
+        attn_backend=types.SimpleNamespace(needs_cpu_seq_lens=needs_cpu), num_qo_heads=4, num_kv_heads=2,
+        head_dim=8, q_data_type=torch.bfloat16, data_type=torch.bfloat16, req_to_token=None,
+        kv_last_page_len=torch.ones(bs, dtype=torch.int32),
+    )
+    capture_kwargs, replay_args = {}, []
+    wrapper = types.SimpleNamespace(
+        begin_forward=lambda *args, **kwargs: capture_kwargs.update(kwargs),  # the real plan at capture
+        is_cuda_graph_enabled=True, _backend="fa2", _max_total_num_rows=None, device=torch.device("cpu"),
+        _cached_module=types.SimpleNamespace(plan=lambda *args: replay_args.append(args)),
+        _float_workspace_buffer=None, _int_workspace_buffer=None, _pin_memory_int_workspace_buffer=None,
+        _qo_indptr_buf=torch.zeros(bs + 1, dtype=torch.int32), _paged_kv_indptr_buf=torch.zeros(bs + 1, dtype=torch.int32),
+        _paged_kv_last_page_len_buf=torch.zeros(bs, dtype=torch.int32), _paged_kv_indices_buf=torch.zeros(64, dtype=torch.int32),
+    )
+
+    def plan():
+        FlashInferIndicesUpdaterPrefill.call_begin_forward(
+            updater, None, wrapper, torch.arange(bs), lens + width, int(lens.sum()) + bs * width, lens, None,
+            None, None, None, use_ragged=False, spec_info=spec_info, seq_lens_cpu=lens + width,
+        )
+
+    plan()
+    assert capture_kwargs["disable_split_kv"] is (not needs_cpu)
+    wrapper.begin_forward = partial(fast_prefill_plan, wrapper)  # installed after capture
+    plan()
+    assert len(replay_args) == 1 and replay_args[0][-2] is (not needs_cpu)
+
+
 def test_no_seq_lens_sync_opt_out(dspark_plugin, monkeypatch):
     """``SGLANG_DSPARK_NO_SEQ_LENS_SYNC=1``: once the scheduler has built the attention backends (after the
     workers: ``init_attention_backends``), both FlashInfer backends opt out of the host seq_lens mirror and the
