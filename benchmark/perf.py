@@ -15,7 +15,10 @@ and records its per-phase step times per batch size (``sglang_dspark.timing``; i
 result, every timed step synchronises). Our DSPARK settings verify every draft
 (``--speculative-dspark-verify full``), as SGLang 0.5.17 does; ``--scheduled`` (ours) adds them again with
 confidence-scheduled verification, the product's default (named ``acc1-sched`` etc.), and ``--nosync``
-(ours) with ``SGLANG_DSPARK_NO_SEQ_LENS_SYNC=1`` (``acc1-nosync`` etc.).
+(ours) with ``SGLANG_DSPARK_NO_SEQ_LENS_SYNC=1`` (``acc1-nosync`` etc.; with ``--scheduled`` also
+``acc1-sched-nosync`` etc.). Scheduled settings load one cost profile, measured first on the idle GPU by the
+profiler command (``python -m sglang_dspark.cost_profile server``), so that no server times its graphs while
+others start next to it.
 
 Writes ``$OUT/perf-<engine>.json``: command, commit, date, device, server flags, and per setting and
 concurrency the throughput, the speedup over this run's no-speculation server and the measured accept
@@ -79,7 +82,27 @@ def settings(engine: str, breakdown: bool, nosync: bool = False, scheduled: bool
         rows += [(f"{name}-nosync", {**env, "SGLANG_DSPARK_NO_SEQ_LENS_SYNC": "1"}, extra) for name, env, extra in dspark]
     if scheduled and ours:
         rows += [(f"{name}-sched", env, []) for name, env, _ in dspark]
+        if nosync:
+            rows += [(f"{name}-sched-nosync", {**env, "SGLANG_DSPARK_NO_SEQ_LENS_SYNC": "1"}, [])
+                     for name, env, _ in dspark]
     return rows
+
+
+def scheduled(extra: list[str]) -> bool:
+    """A DSPARK setting that runs scheduled verification (the default: no ``--speculative-dspark-verify``)."""
+    return "--speculative-dspark-verify" not in extra
+
+
+def measure_cost_profile(out: Path, port: int) -> dict[str, Any]:
+    """The profiler command's cost profile of the Qwen3-8B-shaped pair on this GPU, written to ``out``."""
+    from sglang_dspark.cost_profile import profile_from_server
+
+    args = ["--model-path", str(QWEN3_8B / "target"), *SERVER_ARGS, *SPEC_ARGS, "--port", str(port)]
+    start = time.time()
+    profile = profile_from_server(out, args, timeout_s=400.0)
+    print(f"[perf] cost profile {out} in {time.time() - start:.0f} s", flush=True)
+    return {"path": str(out), "seconds": round(time.time() - start, 1), "points": profile.points,
+            "draft_points": profile.draft_points}
 
 
 def prompts(n: int, seed: int) -> list[list[int]]:
@@ -119,7 +142,8 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma-separated setting names to run (default: all)")
     parser.add_argument("--breakdown", action="store_true", help="ours: add the step-timing server (per-phase times per batch size)")
     parser.add_argument("--nosync", action="store_true",
-                        help="ours: add acc1/acc3/acc2/card with SGLANG_DSPARK_NO_SEQ_LENS_SYNC=1 (experimental)")
+                        help="ours: add acc1/acc3/acc2/card with SGLANG_DSPARK_NO_SEQ_LENS_SYNC=1 (with --scheduled "
+                             "also scheduled)")
     parser.add_argument("--scheduled", action="store_true",
                         help="ours: add acc1/acc3/acc2/card with scheduled verification (the default without FULL flags)")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds from start for the whole run")
@@ -138,6 +162,15 @@ def main() -> int:
     results.update({"engine": args.engine, "server_args": SERVER_ARGS, "spec_args": SPEC_ARGS,
                     "prompt_len": PROMPT_LEN, "output_len": OUT_LEN, "settings": {}, "skipped": []})
     port = 33000
+    if any(name != "baseline" and scheduled(extra) for name, _, extra in rows):
+        try:
+            results["cost_profile"] = measure_cost_profile(LOG_DIR / "cost-profile.json", port)
+        except Exception as exc:  # noqa: BLE001 - the scheduled servers then time their own (auto)
+            report.check("cost profile measured first (profiler command)", False, f"{type(exc).__name__}: {exc}"[:4000])
+        else:
+            profile_flag = ["--speculative-dspark-cost-profile", results["cost_profile"]["path"]]
+            rows = [(n, e, x + profile_flag if n != "baseline" and scheduled(x) else x) for n, e, x in rows]
+        port += 10
     for start in range(0, len(rows), args.wave):
         wave = []
         for name, env, extra in rows[start:start + args.wave]:

@@ -31,7 +31,10 @@ def test_settings(monkeypatch, tmp_path):
     assert ours["baseline"] == ({}, [])
     assert theirs["card"][0] == {"SGLANG_SIMULATE_ACC_LEN": "2.324"}  # 0.5.17 has no profile knob: the mean
     rows = {n: (env, flags) for n, env, flags in perf.settings("ours", False, nosync=True, scheduled=True)}
-    assert sorted(n for n in rows if n.endswith("-nosync")) == ["acc1-nosync", "acc2-nosync", "acc3-nosync", "card-nosync"]
+    assert sorted(n for n in rows if n.endswith("-nosync") and "-sched" not in n) == [
+        "acc1-nosync", "acc2-nosync", "acc3-nosync", "card-nosync"]
+    assert rows["acc2-sched-nosync"] == ({"SGLANG_SIMULATE_ACC_LEN": "2", "SGLANG_DSPARK_NO_SEQ_LENS_SYNC": "1"}, [])
+    assert [perf.scheduled(flags) for flags in (rows["acc2-sched-nosync"][1], rows["acc2-nosync"][1])] == [True, False]
     assert rows["acc3-nosync"] == ({"SGLANG_SIMULATE_ACC_LEN": "3", "SGLANG_DSPARK_NO_SEQ_LENS_SYNC": "1"}, perf.FULL)
     assert "SGLANG_DSPARK_NO_SEQ_LENS_SYNC" not in rows["acc3"][0]
     assert sorted(n for n in rows if n.endswith("-sched")) == ["acc1-sched", "acc2-sched", "acc3-sched", "card-sched"]
