@@ -499,6 +499,7 @@ def profile_from_server(
     if "--speculative-algorithm" not in server_args:
         raise CostProfileError("server: pass the DSPARK launch flags after --, e.g. --model-path M "
                                "--speculative-algorithm DSPARK --speculative-draft-model-path D")
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
     log_path = out.with_name(out.name + ".server.log")
     with open(log_path, "w") as log:

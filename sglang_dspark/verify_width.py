@@ -39,7 +39,7 @@ import logging
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Optional
 
@@ -259,11 +259,21 @@ def measure_profile(
     if len(by_tokens) < 2:
         return None
     return CostProfile(
-        points=tuple((t, statistics.median(ms)) for t, ms in sorted(by_tokens.items())),
-        draft_points=points(draft_replay), device=device, model=model, dtype=dtype,
+        points=tuple(running_max((t, statistics.median(ms)) for t, ms in sorted(by_tokens.items()))),
+        draft_points=tuple(running_max(points(draft_replay))), device=device, model=model, dtype=dtype,
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"), source="measured",
         meta={"how": "captured CUDA graphs executed at start-up on their dummy batches"},
     )
+
+
+def running_max(points: Iterable[tuple[int, float]]) -> Iterator[tuple[int, float]]:
+    """Measured ``(size, ms)`` points made non-decreasing in ms: more tokens (or requests) never cost less; a
+    dip is timing noise (another process on the GPU), and a curve that fell would make wider verification
+    look free."""
+    top = 0.0
+    for size, ms in points:
+        top = max(top, ms)
+        yield size, top
 
 
 class CalibrationLog:

@@ -23,12 +23,12 @@ time.sleep(600)
 
 
 def test_profile_from_server_takes_the_file_and_stops_the_server(tmp_path):
-    out = tmp_path / "cost.json"
+    out = tmp_path / "new-dir" / "cost.json"  # its folder is made (the server log goes there first)
     start = time.monotonic()
     profile = profile_from_server(out, FLAGS, timeout_s=60, launcher=[sys.executable, "-c", WRITER])
     assert time.monotonic() - start < 30  # stopped, not waited for
     assert profile.points == ((1, 5.0), (64, 6.0)) and CostProfile.load(out).points == profile.points
-    argv = (tmp_path / "cost.json.argv").read_text()
+    argv = (out.parent / "cost.json.argv").read_text()
     assert argv.endswith('"DSPARK", "--speculative-draft-model-path", "d", "--speculative-dspark-cost-profile", "auto"]')
 
 
