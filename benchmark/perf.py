@@ -14,9 +14,11 @@ completion tokens / wall time. ``--breakdown`` (ours) adds a server with ``SGLAN
 and records its per-phase step times per batch size (``sglang_dspark.timing``; its throughput is not a
 result, every timed step synchronises). Our DSPARK settings verify every draft
 (``--speculative-dspark-verify full``), as SGLang 0.5.17 does; ``--scheduled`` (ours) adds them again with
-confidence-scheduled verification, the product's default (named ``acc1-sched`` etc.), and ``--nosync``
-(ours) with ``SGLANG_DSPARK_NO_SEQ_LENS_SYNC=1`` (``acc1-nosync`` etc.; with ``--scheduled`` also
-``acc1-sched-nosync`` etc.). Scheduled settings load one cost profile, measured first on the idle GPU by the
+confidence-scheduled verification, the product's default (named ``acc1-sched`` etc.), and ``--sync``
+(ours) with ``SGLANG_DSPARK_NO_SEQ_LENS_SYNC=0``, attention planned from the host lengths the scheduler waits
+for (``acc1-sync`` etc.; with ``--scheduled`` also ``acc1-sched-sync`` etc.). Results files from before the
+sync-free plan was the default name the sync-free settings ``-nosync`` instead. Scheduled settings load one
+cost profile, measured first on the idle GPU by the
 profiler command (``python -m sglang_dspark.cost_profile server``), so that no server times its graphs while
 others start next to it.
 
@@ -66,7 +68,7 @@ Setting = tuple[str, dict[str, str], list[str]]  # (name, server env, DSPARK fla
 FULL = ["--speculative-dspark-verify", "full"]
 
 
-def settings(engine: str, breakdown: bool, nosync: bool = False, scheduled: bool = False) -> list[Setting]:
+def settings(engine: str, breakdown: bool, sync: bool = False, scheduled: bool = False) -> list[Setting]:
     """(name, server env, extra DSPARK flags) per setting; "baseline" is no speculation."""
     ours = engine == "ours"
     card = ({"SGLANG_DSPARK_SIMULATE_ACC_PROFILE": ",".join(map(str, CARD_PROFILE))} if ours
@@ -78,12 +80,12 @@ def settings(engine: str, breakdown: bool, nosync: bool = False, scheduled: bool
     dspark = rows[1:5]
     if breakdown:
         rows.append(("breakdown", {**card, "SGLANG_DSPARK_STEP_TIMING": "100"}, flags))
-    if nosync:
-        rows += [(f"{name}-nosync", {**env, "SGLANG_DSPARK_NO_SEQ_LENS_SYNC": "1"}, extra) for name, env, extra in dspark]
+    if sync:
+        rows += [(f"{name}-sync", {**env, "SGLANG_DSPARK_NO_SEQ_LENS_SYNC": "0"}, extra) for name, env, extra in dspark]
     if scheduled and ours:
         rows += [(f"{name}-sched", env, []) for name, env, _ in dspark]
-        if nosync:
-            rows += [(f"{name}-sched-nosync", {**env, "SGLANG_DSPARK_NO_SEQ_LENS_SYNC": "1"}, [])
+        if sync:
+            rows += [(f"{name}-sched-sync", {**env, "SGLANG_DSPARK_NO_SEQ_LENS_SYNC": "0"}, [])
                      for name, env, _ in dspark]
     return rows
 
@@ -141,8 +143,8 @@ def main() -> int:
     parser.add_argument("--concurrency", default="1,32,8,64", help="comma-separated, measured in this order")
     parser.add_argument("--only", default="", help="comma-separated setting names to run (default: all)")
     parser.add_argument("--breakdown", action="store_true", help="ours: add the step-timing server (per-phase times per batch size)")
-    parser.add_argument("--nosync", action="store_true",
-                        help="ours: add acc1/acc3/acc2/card with SGLANG_DSPARK_NO_SEQ_LENS_SYNC=1 (with --scheduled "
+    parser.add_argument("--sync", action="store_true",
+                        help="ours: add acc1/acc3/acc2/card with SGLANG_DSPARK_NO_SEQ_LENS_SYNC=0 (with --scheduled "
                              "also scheduled)")
     parser.add_argument("--scheduled", action="store_true",
                         help="ours: add acc1/acc3/acc2/card with scheduled verification (the default without FULL flags)")
@@ -152,7 +154,7 @@ def main() -> int:
     t0 = float(os.environ.get("PERF_T0", time.time()))
     deadline = t0 + args.budget
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    rows = settings(args.engine, args.breakdown, args.nosync, args.scheduled)
+    rows = settings(args.engine, args.breakdown, args.sync, args.scheduled)
     if args.only:
         keep = set(args.only.split(","))
         rows = [r for r in rows if r[0] in keep]
@@ -162,7 +164,7 @@ def main() -> int:
     results.update({"engine": args.engine, "server_args": SERVER_ARGS, "spec_args": SPEC_ARGS,
                     "prompt_len": PROMPT_LEN, "output_len": OUT_LEN, "settings": {}, "skipped": []})
     port = 33000
-    if any(name != "baseline" and scheduled(extra) for name, _, extra in rows):
+    if args.engine == "ours" and any(name != "baseline" and scheduled(extra) for name, _, extra in rows):
         try:
             results["cost_profile"] = measure_cost_profile(LOG_DIR / "cost-profile.json", port)
         except Exception as exc:  # noqa: BLE001 - the scheduled servers then time their own (auto)

@@ -220,7 +220,7 @@ class DSparkWorker(DFlashWorkerV2):
     _verify_graphs: Optional[VerifyGraphs] = None  # scheduled verification: verify graphs per width
     _planner: Optional[WidthPlanner] = None  # scheduled verification: the width of each step
     _calibration_log: Optional[CalibrationLog] = None  # SGLANG_DSPARK_CALIBRATION_LOG (measurement only)
-    _lengths_from_bounds = False  # SGLANG_DSPARK_NO_SEQ_LENS_SYNC: plan from the reserved bounds (_host_seq_lens)
+    _lengths_from_bounds = False  # sync-free FlashInfer (SGLANG_DSPARK_NO_SEQ_LENS_SYNC): plan from the reserved bounds
     PROFILE_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64)  # timed for --speculative-dspark-cost-profile auto
 
     def __init__(
@@ -276,8 +276,11 @@ class DSparkWorker(DFlashWorkerV2):
         """The scheduler builds every worker's attention backends after the workers (and reads
         ``needs_cpu_seq_lens`` after this): the place for the ``SGLANG_DSPARK_NO_SEQ_LENS_SYNC`` opt-out."""
         super().init_attention_backends()
-        if os.environ.get(NO_SEQ_LENS_SYNC_ENV) == "1":
-            self._plan_from_upper_bounds()
+        choice = os.environ.get(NO_SEQ_LENS_SYNC_ENV, "")
+        if choice not in ("", "0", "1"):
+            raise ValueError(f"{NO_SEQ_LENS_SYNC_ENV}: expected 0 or 1, found {choice!r}")
+        if choice != "0":
+            self._plan_from_upper_bounds(required=choice == "1")
 
     def init_cuda_graphs(self) -> None:
         """DFLASH's draft graphs, then (scheduled verification) the target's verify graphs for widths
@@ -339,25 +342,32 @@ class DSparkWorker(DFlashWorkerV2):
             return None
         return lambda: (backbone(), sampler.replay())
 
-    def _plan_from_upper_bounds(self) -> None:
-        """``SGLANG_DSPARK_NO_SEQ_LENS_SYNC=1`` (experimental): the target's and the draft's FlashInfer backends
-        opt out of the scheduler's host mirror of the sequence lengths (``needs_cpu_seq_lens``), so preparing
-        step N + 1 does not wait for step N's acceptance on the GPU (SGLang's ``resolve_seq_lens_cpu``). The
-        step then plans attention from the reserved upper bounds, and patch 0010 attends without a KV split."""
+    def _plan_from_upper_bounds(self, required: bool) -> None:
+        """The default with FlashInfer (``SGLANG_DSPARK_NO_SEQ_LENS_SYNC=0`` turns it off, ``=1`` requires it):
+        the target's and the draft's FlashInfer backends opt out of the scheduler's host mirror of the sequence
+        lengths (``needs_cpu_seq_lens``), so preparing step N + 1 does not wait for step N's acceptance on the
+        GPU (SGLang's ``resolve_seq_lens_cpu``). The step then plans attention from the reserved upper bounds,
+        and patch 0010 captures and replays the verify graphs without a KV split (the cost: at small batch and
+        long context the verify attention runs on fewer thread blocks). Other backends keep the host lengths."""
         from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 
         backends = [b for b in self.spec_v2_attn_backends if b is not None]
         others = sorted({type(b).__name__ for b in backends if not isinstance(b, FlashInferAttnBackend)})
-        if others:
+        if others and required:
             raise ValueError(
                 f"{NO_SEQ_LENS_SYNC_ENV}=1 needs FlashInfer attention for the target and the draft "
                 f"(--attention-backend flashinfer), found {', '.join(others)}"
             )
+        if others:
+            logger.info("DSPARK: attention backends %s: planned from the scheduler's host sequence lengths.",
+                        ", ".join(others))
+            return
         for backend in backends:
             backend.needs_cpu_seq_lens = False
         self._lengths_from_bounds = True
-        logger.info("DSPARK: %s=1: attention planned from reserved sequence-length bounds, without a KV split; "
-                    "the scheduler does not wait for each step's lengths (experimental).", NO_SEQ_LENS_SYNC_ENV)
+        logger.info("DSPARK: FlashInfer attention planned from reserved sequence-length bounds, without a KV split: "
+                    "the scheduler does not wait for each step's lengths (%s=0 plans from the exact lengths, with "
+                    "a KV split, for long contexts at small batch).", NO_SEQ_LENS_SYNC_ENV)
 
     def _dspark_config(self) -> DSparkConfig:
         if not isinstance(self.draft_model, DSparkDraftModel):
@@ -635,15 +645,15 @@ class DSparkWorker(DFlashWorkerV2):
         self, batch: ScheduleBatch, draft_input: DFlashDraftInputV2, width: int
     ) -> tuple[torch.Tensor, int]:
         """Host KV lengths of a ``width``-token forward for attention planning, no sync: exact from the
-        scheduler's host mirror (committed + width), or with ``SGLANG_DSPARK_NO_SEQ_LENS_SYNC`` the reserved
+        scheduler's host mirror (committed + width), or, sync-free (``_plan_from_upper_bounds``), the reserved
         upper bounds, which FlashInfer may only plan from without a KV split (patch 0010 sees to that).
 
-        Under that knob the bounds are used whatever ``batch.seq_lens_cpu`` holds: the scheduler's resolve sets it
+        Sync-free, the bounds are used whatever ``batch.seq_lens_cpu`` holds: the scheduler's resolve sets it
         to None, but returns early for a batch without future indices, leaving the seed of
         ``DFlashDraftInputV2.prepare_for_decode`` (committed lengths one step behind), which would under-count."""
         if self._lengths_from_bounds:
             if draft_input.reserved_seq_lens_cpu is None:
-                raise RuntimeError(f"DSPARK with {NO_SEQ_LENS_SYNC_ENV}=1 needs the reserved sequence lengths.")
+                raise RuntimeError("DSPARK's sync-free attention plan needs the reserved sequence lengths.")
             return draft_input.reserved_seq_lens_cpu, int(draft_input.reserved_seq_lens_sum)
         if batch.seq_lens_cpu is None:
             raise RuntimeError("DSPARK decode needs the scheduler's host sequence lengths (batch.seq_lens_cpu).")

@@ -1,5 +1,5 @@
 """``benchmark/perf.py``'s settings: the same DSPARK settings for both engines (ours verifying every draft, as
-0.5.17 does), the scheduled-verification and experimental no-sync copies."""
+0.5.17 does), the scheduled-verification and host-length (``-sync``) copies."""
 
 from __future__ import annotations
 
@@ -30,12 +30,12 @@ def test_settings(monkeypatch, tmp_path):
     assert theirs["acc2"] == ({"SGLANG_SIMULATE_ACC_LEN": "2"}, [])  # 0.5.17 verifies every draft anyway
     assert ours["baseline"] == ({}, [])
     assert theirs["card"][0] == {"SGLANG_SIMULATE_ACC_LEN": "2.324"}  # 0.5.17 has no profile knob: the mean
-    rows = {n: (env, flags) for n, env, flags in perf.settings("ours", False, nosync=True, scheduled=True)}
-    assert sorted(n for n in rows if n.endswith("-nosync") and "-sched" not in n) == [
-        "acc1-nosync", "acc2-nosync", "acc3-nosync", "card-nosync"]
-    assert rows["acc2-sched-nosync"] == ({"SGLANG_SIMULATE_ACC_LEN": "2", "SGLANG_DSPARK_NO_SEQ_LENS_SYNC": "1"}, [])
-    assert [perf.scheduled(flags) for flags in (rows["acc2-sched-nosync"][1], rows["acc2-nosync"][1])] == [True, False]
-    assert rows["acc3-nosync"] == ({"SGLANG_SIMULATE_ACC_LEN": "3", "SGLANG_DSPARK_NO_SEQ_LENS_SYNC": "1"}, perf.FULL)
+    rows = {n: (env, flags) for n, env, flags in perf.settings("ours", False, sync=True, scheduled=True)}
+    assert sorted(n for n in rows if n.endswith("-sync") and "-sched" not in n) == [
+        "acc1-sync", "acc2-sync", "acc3-sync", "card-sync"]
+    assert rows["acc2-sched-sync"] == ({"SGLANG_SIMULATE_ACC_LEN": "2", "SGLANG_DSPARK_NO_SEQ_LENS_SYNC": "0"}, [])
+    assert [perf.scheduled(flags) for flags in (rows["acc2-sched-sync"][1], rows["acc2-sync"][1])] == [True, False]
+    assert rows["acc3-sync"] == ({"SGLANG_SIMULATE_ACC_LEN": "3", "SGLANG_DSPARK_NO_SEQ_LENS_SYNC": "0"}, perf.FULL)
     assert "SGLANG_DSPARK_NO_SEQ_LENS_SYNC" not in rows["acc3"][0]
     assert sorted(n for n in rows if n.endswith("-sched")) == ["acc1-sched", "acc2-sched", "acc3-sched", "card-sched"]
     assert rows["acc1-sched"] == ({"SGLANG_SIMULATE_ACC_LEN": "1"}, [])  # the default: scheduled verification

@@ -105,11 +105,11 @@ def test_verify_plan_splits_kv_only_with_host_lengths(dspark_plugin, needs_cpu):
     assert len(replay_args) == 1 and replay_args[0][-2] is (not needs_cpu)
 
 
-def test_no_seq_lens_sync_opt_out(dspark_plugin, monkeypatch):
-    """``SGLANG_DSPARK_NO_SEQ_LENS_SYNC=1``: once the scheduler has built the attention backends (after the
-    workers: ``init_attention_backends``), both FlashInfer backends opt out of the host seq_lens mirror and the
-    worker plans from the reserved bounds; any other backend is refused with the knob's name. Without the knob
-    nothing changes."""
+def test_sync_free_plan_by_default(dspark_plugin, monkeypatch):
+    """Once the scheduler has built the attention backends (after the workers: ``init_attention_backends``),
+    both FlashInfer backends opt out of the host seq_lens mirror by default and the worker plans from the
+    reserved bounds; ``SGLANG_DSPARK_NO_SEQ_LENS_SYNC=0`` keeps the host lengths; with another backend the
+    default keeps them too, while ``=1`` is refused naming the knob; any other value fails at launch."""
     from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 
     import sglang_dspark.worker as worker_module
@@ -124,17 +124,29 @@ def test_no_seq_lens_sync_opt_out(dspark_plugin, monkeypatch):
             _draft_worker=types.SimpleNamespace(init_attention_backends=lambda: setattr(draft_runner, "attn_backend", draft)),
             draft_model_runner=draft_runner,
         )
-        monkeypatch.setenv(worker_module.NO_SEQ_LENS_SYNC_ENV, env)
+        if env is None:
+            monkeypatch.delenv(worker_module.NO_SEQ_LENS_SYNC_ENV, raising=False)
+        else:
+            monkeypatch.setenv(worker_module.NO_SEQ_LENS_SYNC_ENV, env)
         worker.init_attention_backends()
         return worker
 
-    target, draft = object.__new__(FlashInferAttnBackend), object.__new__(FlashInferAttnBackend)
+    def flashinfer():
+        return object.__new__(FlashInferAttnBackend)
+
+    target, draft = flashinfer(), flashinfer()
     assert target.needs_cpu_seq_lens and draft.needs_cpu_seq_lens  # SGLang's default for FlashInfer
     assert not init_backends(target, draft, "0")._lengths_from_bounds
     assert target.needs_cpu_seq_lens and draft.needs_cpu_seq_lens
-    assert init_backends(target, draft, "1")._lengths_from_bounds  # the worker then plans from the reserved bounds
-    assert target.needs_cpu_seq_lens is False and draft.needs_cpu_seq_lens is False
+    for env in (None, "1"):
+        target, draft = flashinfer(), flashinfer()
+        assert init_backends(target, draft, env)._lengths_from_bounds  # the worker then plans from the bounds
+        assert target.needs_cpu_seq_lens is False and draft.needs_cpu_seq_lens is False
     other = types.SimpleNamespace(needs_cpu_seq_lens=True)
     with pytest.raises(ValueError, match="SGLANG_DSPARK_NO_SEQ_LENS_SYNC=1 needs FlashInfer"):
-        init_backends(object.__new__(FlashInferAttnBackend), other, "1")
-    assert other.needs_cpu_seq_lens is True
+        init_backends(flashinfer(), other, "1")
+    target = flashinfer()
+    assert not init_backends(target, other, None)._lengths_from_bounds
+    assert other.needs_cpu_seq_lens is True and target.needs_cpu_seq_lens is True
+    with pytest.raises(ValueError, match="SGLANG_DSPARK_NO_SEQ_LENS_SYNC: expected 0 or 1, found 'yes'"):
+        init_backends(flashinfer(), flashinfer(), "yes")
