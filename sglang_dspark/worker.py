@@ -274,7 +274,7 @@ class DSparkWorker(DFlashWorkerV2):
 
     def init_attention_backends(self) -> None:
         """The scheduler builds every worker's attention backends after the workers (and reads
-        ``needs_cpu_seq_lens`` after this): the place for the ``SGLANG_DSPARK_NO_SEQ_LENS_SYNC`` opt-out."""
+        ``needs_cpu_seq_lens`` after this): the place for the sync-free plan (``_plan_from_upper_bounds``)."""
         super().init_attention_backends()
         choice = os.environ.get(NO_SEQ_LENS_SYNC_ENV, "")
         if choice not in ("", "0", "1"):
