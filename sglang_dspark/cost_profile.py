@@ -2,8 +2,8 @@
 
 One decode step costs ``draft_ms(bs) + verify_ms(T)``: one draft pass for the ``bs`` requests of the batch
 (backbone + Markov sampling + confidence head) and one target verify forward (``TARGET_VERIFY``) over
-``T = sum_b (1 + L_b)`` tokens when request ``b`` verifies ``L_b`` drafts. The scheduler
-(``sglang_dspark.verify_schedule``) maximises expected committed tokens per millisecond with it.
+``T = bs * W`` tokens at verify width ``W``. The width planner (``sglang_dspark.verify_width``) maximises
+expected committed tokens per millisecond with it.
 
 Both curves are piecewise linear over measured points: flat below the first point, linear between
 points, and past the last point the last segment's slope continued (a negative slope, i.e. noise, is
@@ -93,45 +93,6 @@ def _interpolate(points: Points, x: float) -> float:
     return yi + slopes[i] * max(x - xi, 0.0)
 
 
-class PiecewiseLinear:
-    """A piecewise-linear curve on device tensors, evaluated without host synchronisation.
-
-    ``xs`` float32 ``[n]`` strictly increasing, ``ys`` float32 ``[n]``, ``n >= 1``. Calling it on a tensor
-    of any shape returns float32 of the same shape: ``searchsorted`` finds the segment, then
-    ``y_i + slope_i * max(x - x_i, 0)`` (flat below ``xs[0]``, last slope continued past ``xs[-1]``).
-    Safe inside a CUDA graph (no ``.item()``, no data-dependent shapes).
-    """
-
-    def __init__(self, points: Points, device: torch.device | str | None = None):
-        self.xs = torch.tensor([float(x) for x, _ in points], dtype=torch.float32, device=device)
-        self.ys = torch.tensor([float(y) for _, y in points], dtype=torch.float32, device=device)
-        self.slopes = torch.tensor(_slopes(points), dtype=torch.float32, device=device)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.float32)
-        segment = (torch.searchsorted(self.xs, x, right=True) - 1).clamp(min=0)
-        # .take, not [segment]: indexing with a 0-dim tensor would copy it to the host
-        return self.ys.take(segment) + self.slopes.take(segment) * (x - self.xs.take(segment)).clamp(min=0.0)
-
-
-@dataclass(frozen=True)
-class CostTensors:
-    """A ``CostProfile`` on a device, for the scheduler."""
-
-    verify: PiecewiseLinear  # total verify tokens -> ms
-    draft: PiecewiseLinear | None  # batch size -> ms of one draft pass; None: not profiled (costs 0)
-
-    def verify_ms(self, total_tokens: torch.Tensor) -> torch.Tensor:
-        """ms of one target verify forward over ``total_tokens`` (any shape) -> float32, same shape."""
-        return self.verify(total_tokens)
-
-    def draft_ms(self, batch_size: torch.Tensor) -> torch.Tensor:
-        """ms of one draft pass at ``batch_size`` (any shape) -> float32, same shape (0 without a curve)."""
-        if self.draft is None:
-            return torch.zeros_like(batch_size, dtype=torch.float32)
-        return self.draft(batch_size)
-
-
 # ---- the profile --------------------------------------------------------------------------------------
 
 
@@ -163,11 +124,6 @@ class CostProfile:
     def draft_ms(self, batch_size: float) -> float:
         """ms of one draft pass for ``batch_size`` requests; 0.0 when the profile has no draft points."""
         return _interpolate(self.draft_points, batch_size) if self.draft_points else 0.0
-
-    def tensors(self, device: torch.device | str | None = None) -> CostTensors:
-        """The curves as device tensors (build once, outside any CUDA graph capture)."""
-        draft = PiecewiseLinear(self.draft_points, device) if self.draft_points else None
-        return CostTensors(PiecewiseLinear(self.points, device), draft)
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
