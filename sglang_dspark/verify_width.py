@@ -26,8 +26,9 @@ measured, so choosing it adds no host synchronisation:
   profile (``measure_profile``).
 
 Lossless: the width of a step depends only on earlier steps, never on the drafts it verifies, so greedy
-output is unchanged and rejection sampling stays exact for any width (spec D.2). Per-request lengths inside
-a width's budget: ``sglang_dspark.ragged`` (experimental).
+output is unchanged and rejection sampling stays exact for any width (spec D.2). The per-request ragged
+lengths of ``sglang_dspark.verify_schedule`` are not used here: one width per step keeps SGLang's
+fixed-width verify graphs and attention plans.
 """
 
 from __future__ import annotations
@@ -56,8 +57,7 @@ class WidthPlanner:
 
     ``decay`` is per observed sample (0.99: the calibration follows roughly the last 100 requests that
     reached a position); ``probe`` is (first, largest) number of plain decode steps between two probes;
-    ``clock`` gives host seconds (the step overhead estimate); ``ragged``: the steps verify per-request lengths
-    within the width's budget (``sglang_dspark.ragged``), so ``G[W]`` is the best spread of ``bs (W - 1)`` drafts.
+    ``clock`` gives host seconds (the step overhead estimate).
     """
 
     OVERHEAD_DECAY = 0.9  # per step
@@ -66,10 +66,9 @@ class WidthPlanner:
 
     def __init__(
         self, gamma: int, cost: CostProfile, device: torch.device | str, *, decay: float = 0.99,
-        probe: tuple[int, int] = (4, 32), clock: Callable[[], float] = time.perf_counter, ragged: bool = False,
+        probe: tuple[int, int] = (4, 32), clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.gamma = gamma
-        self.ragged = ragged
         self.cost = cost
         self.decay = decay
         self.probe_first, self.probe_max = probe
@@ -148,33 +147,22 @@ class WidthPlanner:
             self.gains = self._gains_host.tolist()
             self._copied = None
 
-    def survival(self, confidence_logits: torch.Tensor) -> torch.Tensor:
-        """Calibrated prefix survival ``[bs, gamma]`` (probability that drafts 1..j are all accepted) from the
-        head's logits float ``[bs, gamma]``."""
-        ratio = self.accepted / self.predicted  # [gamma]
-        return (torch.sigmoid(confidence_logits.float()) * ratio).clamp_(max=1.0).cumprod(dim=-1)
-
-    def observe(self, confidence_logits: torch.Tensor, accepted: torch.Tensor, verified: int | torch.Tensor) -> None:
-        """After a step that verified ``verified`` drafts per request (an int >= 1, or int64 ``[bs]`` when
-        ragged): update the calibration with the head's logits float ``[bs, gamma]`` and the accepted counts
-        int ``[bs]``, then publish ``G`` for the next step (device work and a non-blocking copy only)."""
-        positions = torch.arange(self.gamma, device=accepted.device)
-        limit = verified[:, None] if isinstance(verified, torch.Tensor) else verified
+    def observe(self, confidence_logits: torch.Tensor, accepted: torch.Tensor, verified: int) -> None:
+        """After a step that verified ``verified`` (>= 1) drafts per request: update the calibration with
+        the head's logits float ``[bs, gamma]`` and the accepted counts int ``[bs]``, then publish ``G`` for
+        the next step (device work and a non-blocking copy only)."""
+        positions = torch.arange(verified, device=accepted.device)
         confidence = torch.sigmoid(confidence_logits.float())  # [bs, gamma]
-        # Position j is reached when drafts 1..j-1 were accepted and it was verified.
-        reached = ((positions <= accepted[:, None]) & (positions < limit)).float()  # [bs, gamma]
+        reached = (positions <= accepted[:, None]).float()  # [bs, verified]: drafts 1..k-1 were accepted
         hits = (positions < accepted[:, None]).float()
-        keep = torch.pow(self.decay, reached.sum(0))  # [gamma]: decay per sample seen at each position
-        self.predicted.mul_(keep).add_((confidence * reached).sum(0))
-        self.accepted.mul_(keep).add_(hits.sum(0))
-        survival = self.survival(confidence_logits)  # [bs, gamma]
+        keep = torch.pow(self.decay, reached.sum(0))  # [verified]: decay per sample seen at each position
+        self.predicted[:verified].mul_(keep).add_((confidence[:, :verified] * reached).sum(0))
+        self.accepted[:verified].mul_(keep).add_(hits.sum(0))
+        ratio = self.accepted / self.predicted  # [gamma]
+        conditional = (confidence * ratio).clamp_(max=1.0)
+        survival = conditional.cumprod(dim=-1)  # [bs, gamma]
         gains = torch.zeros((self.gamma + 2,), dtype=torch.float32, device=accepted.device)
-        if self.ragged:  # G[W]: the bs (W - 1) best survivals of the batch, per request
-            bs = survival.shape[0]
-            best = survival.reshape(-1).sort(descending=True).values.cumsum(0)
-            gains[2:] = best[bs * torch.arange(1, self.gamma + 1, device=best.device) - 1] / bs
-        else:  # G[W] = expected accepted drafts when every request verifies W - 1
-            gains[2:] = survival.cumsum(-1).mean(0)
+        gains[2:] = survival.cumsum(-1).mean(0)  # G[W] = expected accepted drafts when verifying W - 1
         self._gains_host.copy_(gains, non_blocking=True)
         if gains.is_cuda:
             self._copied = torch.cuda.Event()
@@ -302,11 +290,9 @@ class CalibrationLog:
         path = env.get(CALIBRATION_LOG_ENV)
         return cls(path) if path else None
 
-    def write(self, confidence_logits: torch.Tensor, accepted: torch.Tensor, verified: int | torch.Tensor) -> None:
-        """confidence_logits float ``[bs, gamma]``, accepted int ``[bs]``, ``verified`` drafts per request (an
-        int, or int64 ``[bs]`` when ragged)."""
+    def write(self, confidence_logits: torch.Tensor, accepted: torch.Tensor, verified: int) -> None:
+        """confidence_logits float ``[bs, gamma]``, accepted int ``[bs]``, ``verified`` drafts per request."""
         confidence = torch.sigmoid(confidence_logits.float()).tolist()
-        counts = verified.tolist() if isinstance(verified, torch.Tensor) else [verified] * len(confidence)
-        for row, a, v in zip(confidence, accepted.tolist(), counts):
-            record = {"confidence": [round(c, 5) for c in row], "accepted": int(a), "verified": int(v)}
+        for row, a in zip(confidence, accepted.tolist()):
+            record = {"confidence": [round(c, 5) for c in row], "accepted": int(a), "verified": verified}
             self._file.write(json.dumps(record) + "\n")

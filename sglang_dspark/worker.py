@@ -18,8 +18,7 @@ length ``P`` and pending bonus token ``x_0`` per request (no host synchronisatio
    with the aux hidden states of the draft's target layers captured. ``W = gamma + 1`` with
    ``--speculative-dspark-verify full``; with ``scheduled`` (the default with a confidence head) the width of
    the step is chosen on the host from earlier steps (``sglang_dspark.verify_width``), and ``W = 1`` skips
-   step 2 (a plain decode step); with ``SGLANG_DSPARK_RAGGED_VERIFY=1`` (experimental) the step's ``bs (W - 1)``
-   drafts are spread over the requests by calibrated survival (``sglang_dspark.ragged``);
+   step 2 (a plain decode step);
 4. accept: greedy matching for ``top_k <= 1`` requests, exact rejection sampling for the others, in one
    batch (``sglang_dspark.accept``); or simulated acceptance when the environment asks for it;
 5. publish ``P + a + 1``, write the draft context K/V of the ``a + 1`` committed positions from the
@@ -67,8 +66,6 @@ from sglang_dspark.config import DSparkConfig
 from sglang_dspark.cost_profile import OUT_ENV as COST_PROFILE_OUT_ENV
 from sglang_dspark.cost_profile import CostProfile, builtin_profile
 from sglang_dspark.model import DSparkDraftModel
-from sglang_dspark.ragged import RAGGED_VERIFY_ENV, cap, ragged_layout, ragged_lengths
-from sglang_dspark.ragged_input import RaggedVerifyInput
 from sglang_dspark.timing import CpuProfile, StepTimer
 from sglang_dspark.verify_width import (
     CalibrationLog,
@@ -223,7 +220,6 @@ class DSparkWorker(DFlashWorkerV2):
     _verify_graphs: Optional[VerifyGraphs] = None  # scheduled verification: verify graphs per width
     _planner: Optional[WidthPlanner] = None  # scheduled verification: the width of each step
     _calibration_log: Optional[CalibrationLog] = None  # SGLANG_DSPARK_CALIBRATION_LOG (measurement only)
-    _ragged = False  # SGLANG_DSPARK_RAGGED_VERIFY (experimental): per-request verify lengths in the step's budget
     _lengths_from_bounds = False  # sync-free FlashInfer (SGLANG_DSPARK_NO_SEQ_LENS_SYNC): plan from the reserved bounds
     PROFILE_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64)  # timed for --speculative-dspark-cost-profile auto
 
@@ -290,12 +286,11 @@ class DSparkWorker(DFlashWorkerV2):
         """DFLASH's draft graphs, then (scheduled verification) the target's verify graphs for widths
         ``1..gamma``, the cost profile and the width planner."""
         super().init_cuda_graphs()
-        self._ragged = self._ragged_verify()
         if self.server_args.speculative_dspark_verify != "scheduled":
             return
         self._verify_graphs = VerifyGraphs(self.target_worker.model_runner, range(1, self.gamma + 1))
         cost = self._cost_profile()
-        self._planner = WidthPlanner(self.gamma, cost, self.device, ragged=self._ragged)
+        self._planner = WidthPlanner(self.gamma, cost, self.device)
         logger.info(
             "DSPARK scheduled verification: verify graphs for widths %s, cost profile %s (%s): verify %s ms at "
             "1/%d/%d tokens, draft %s ms at batch 1/%d",
@@ -303,28 +298,6 @@ class DSparkWorker(DFlashWorkerV2):
             "/".join(f"{cost.verify_ms(t):.2f}" for t in (1, 64, 512)), 64, 512,
             "/".join(f"{cost.draft_ms(b):.2f}" for b in (1, 64)), 64,
         )
-
-    def _ragged_verify(self) -> bool:
-        """``SGLANG_DSPARK_RAGGED_VERIFY=1`` (experimental, scheduled verification only): per-request verify
-        lengths within each step's budget (``sglang_dspark.ragged``). It needs the sync-free FlashInfer plan
-        (the host plans ``W`` rows per request while the device attends to the ragged ones, so no KV split)
-        and is refused under deterministic inference (whose verify is ``W`` decode rows per request)."""
-        choice = os.environ.get(RAGGED_VERIFY_ENV, "0")
-        if choice not in ("0", "1"):
-            raise ValueError(f"{RAGGED_VERIFY_ENV}: expected 0 or 1, found {choice!r}")
-        if choice == "0":
-            return False
-        if self.server_args.speculative_dspark_verify != "scheduled":
-            raise ValueError(f"{RAGGED_VERIFY_ENV}=1 needs scheduled verification (--speculative-dspark-verify "
-                             f"scheduled), found {self.server_args.speculative_dspark_verify}")
-        if not self._lengths_from_bounds:
-            raise ValueError(f"{RAGGED_VERIFY_ENV}=1 needs the sync-free FlashInfer plan (--attention-backend "
-                             f"flashinfer, SGLANG_DSPARK_NO_SEQ_LENS_SYNC not 0)")
-        if self.server_args.enable_deterministic_inference:
-            raise ValueError(f"{RAGGED_VERIFY_ENV}=1 is not supported with --enable-deterministic-inference")
-        logger.info("DSPARK scheduled verification: ragged per-request verify lengths (%s=1, experimental).",
-                    RAGGED_VERIFY_ENV)
-        return True
 
     def _cost_profile(self) -> CostProfile:
         """--speculative-dspark-cost-profile: a file, the captured graphs timed now (auto), or the roofline
@@ -529,47 +502,34 @@ class DSparkWorker(DFlashWorkerV2):
         elif self._tp_group is not None:  # a plain decode step: the bonus draws still come from rank 0
             draws, _ = self._from_tp_rank0(draws, self._lm_head_weight.new_empty((0,)))
         drafts = ids[:, 1:]  # [bs, gamma]; past the verified W - 1 never accepted
-        lengths = None  # ragged verification: drafts verified per request, int64 [bs] (sum bs (W - 1))
-        if self._ragged and block is not None and bs > 1:
-            lengths = ragged_lengths(self._planner.survival(block.confidence_logits), bs * (width - 1))
-            logits_output, can_run_cuda_graph = self._verify_ragged(
-                batch, draft_input, ids, positions, cache_loc, lengths, width
-            )
-        else:
-            ids, positions, cache_loc = (t[:, :width].contiguous() for t in (ids, positions, cache_loc))
-            logits_output, can_run_cuda_graph = self._verify(batch, draft_input, ids, positions, cache_loc)
+        ids, positions, cache_loc = (t[:, :width].contiguous() for t in (ids, positions, cache_loc))
+        logits_output, can_run_cuda_graph = self._verify(batch, draft_input, ids, positions, cache_loc)
         timer.mark("verify")
-        rows = ids.shape[1]  # target outputs per request: W, or the whole window when ragged
-        verified = rows - 1 if lengths is None else lengths
 
         logits = logits_output.next_token_logits
         if batch.sampling_info is not None:
             apply_dflash_verify_logits_adjustments(
-                next_token_logits=logits, sampling_info=batch.sampling_info, draft_token_num=rows
+                next_token_logits=logits, sampling_info=batch.sampling_info, draft_token_num=width
             )
-        logits = logits.view(bs, rows, -1)
+        logits = logits.view(bs, width, -1)
         if self._simulation is not None or block is None:
             accepted = (
                 torch.zeros((bs,), dtype=torch.int64, device=self.device) if self._simulation is None
-                else self._simulation.accepted(draws[:, 2 * gamma + 1]).clamp(max=rows - 1)
+                else self._simulation.accepted(draws[:, 2 * gamma + 1]).clamp(max=width - 1)
             )
-            if lengths is not None:
-                accepted = torch.minimum(accepted, lengths)
             bonus = target_token_at(logits, accepted, greedy, sampling, draws[:, 2 * gamma])
         else:
-            n = rows - 1
+            verified = width - 1
             accepted, bonus = accept_drafts(
-                block.tokens[:, :n], logits, None if block.probs is None else block.probs[:, :n],
-                greedy, sampling, draws[:, gamma : gamma + n], draws[:, 2 * gamma],
+                block.tokens[:, :verified], logits, None if block.probs is None else block.probs[:, :verified],
+                greedy, sampling, draws[:, gamma : gamma + verified], draws[:, 2 * gamma],
             )
-            if lengths is not None:
-                accepted, bonus = cap(accepted, bonus, lengths, logits, greedy, sampling, draws[:, 2 * gamma])
         layout = commit_layout(drafts, accepted, bonus, prefix_lens)
         if block is not None and block.confidence_logits is not None:
             if self._planner is not None:
-                self._planner.observe(block.confidence_logits, accepted, verified)
+                self._planner.observe(block.confidence_logits, accepted, width - 1)
             if self._calibration_log is not None:
-                self._calibration_log.write(block.confidence_logits, accepted, verified)
+                self._calibration_log.write(block.confidence_logits, accepted, width - 1)
         timer.mark("accept")
         if on_publish is not None:
             on_publish(layout.new_seq_lens)
@@ -596,30 +556,6 @@ class DSparkWorker(DFlashWorkerV2):
             speculative_num_draft_tokens=self.verify_width,
             new_seq_lens=layout.new_seq_lens,
         )
-
-    def _verify_ragged(
-        self,
-        batch: ScheduleBatch,
-        draft_input: DFlashDraftInputV2,
-        ids: torch.Tensor,
-        positions: torch.Tensor,
-        cache_loc: torch.Tensor,
-        lengths: torch.Tensor,
-        width: int,
-    ) -> tuple[LogitsProcessorOutput, bool]:
-        """Ragged verification (``sglang_dspark.ragged``): request ``b``'s window slots ``0..L_b`` (ids,
-        positions, cache slots int64 ``[bs, gamma + 1]``; ``lengths`` ``L`` int64 ``[bs]``, ``sum L = bs (W -
-        1)``) packed into the width-``W`` verify forward -> its outputs (logits, captured hidden states) gathered
-        back to the window, ``[bs * (gamma + 1), ...]`` (slots past ``L_b`` repeat row ``L_b``)."""
-        bs = ids.shape[0]
-        layout = ragged_layout(lengths, self.gamma, width)
-        packed = [t.reshape(-1)[layout.order].view(bs, width) for t in (ids, positions, cache_loc)]
-        out, graph = self._verify(batch, draft_input, *packed, rows=layout.rows)
-        index = layout.window_rows.reshape(-1)
-        out.next_token_logits = out.next_token_logits[index]
-        if out.hidden_states is not None:
-            out.hidden_states = out.hidden_states[index]
-        return out, graph
 
     def _step_width(self, bs: int) -> int:
         """The planner's verify width for this step; under TP, TP rank 0's, sent to the other ranks over the TP
@@ -784,21 +720,18 @@ class DSparkWorker(DFlashWorkerV2):
         ids: torch.Tensor,
         positions: torch.Tensor,
         cache_loc: torch.Tensor,
-        rows: Optional[torch.Tensor] = None,
     ) -> tuple[LogitsProcessorOutput, bool]:
         """Target TARGET_VERIFY forward over ``[x_0, x_1..x_{W-1}]`` (ids, positions, cache slots int64 ``[bs, W]``,
         ``W`` the step's verify width) -> (logits output with the captured hidden states, whether a target CUDA
-        graph ran). Widths below gamma + 1 replay their own graphs (``VerifyGraphs``). ``rows`` int32 ``[bs]``:
-        the ``bs * W`` tokens are packed ragged rows, request ``b`` owning ``rows[b]`` (``_verify_ragged``)."""
+        graph ran). Widths below gamma + 1 replay their own graphs (``VerifyGraphs``)."""
         width = ids.shape[1]
-        fields = dict(
+        verify_input = DFlashVerifyInput(
             draft_token=ids.view(-1),
             positions=positions.view(-1),
             draft_token_num=width,
             custom_mask=None,
             capture_hidden_mode=CaptureHiddenMode.FULL,
         )
-        verify_input = DFlashVerifyInput(**fields) if rows is None else RaggedVerifyInput(**fields, rows=rows)
         batch.out_cache_loc = cache_loc.view(-1)
         seq_lens_cpu, seq_lens_sum = batch.seq_lens_cpu, batch.seq_lens_sum
         batch.seq_lens_cpu, batch.seq_lens_sum = self._host_seq_lens(batch, draft_input, width)

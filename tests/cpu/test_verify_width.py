@@ -76,31 +76,6 @@ def test_observe_only_counts_reached_positions():
     assert planner.accepted.tolist()[:5] == pytest.approx([1 + 1, 1 + 1, 1 + 1, 1 + 0, 1])
 
 
-def test_observe_with_per_request_verified_counts():
-    """Ragged steps: request b's positions past its own verified count L_b are not evidence."""
-    planner = WidthPlanner(GAMMA, COST, "cpu", decay=1.0)
-    logits = torch.zeros((2, GAMMA))  # confidence 0.5 everywhere
-    planner.observe(logits, torch.tensor([2, 1]), torch.tensor([2, 5]))
-    # first request: reached 1..2 (L = 2), accepted both; second: reached 1..2 (a = 1), accepted position 1
-    assert planner.predicted.tolist()[:4] == pytest.approx([1 + 1.0, 1 + 1.0, 1, 1])
-    assert planner.accepted.tolist()[:4] == pytest.approx([1 + 2, 1 + 1, 1, 1])
-
-
-def test_ragged_gains_spread_the_budget():
-    """G[W] of a ragged planner is the batch's bs (W - 1) best survivals per request: at least the uniform
-    G[W], and more when the requests differ."""
-    logits = torch.full((2, GAMMA), -4.0)
-    logits[0] = 4.0  # one confident request, one hopeless
-    gains = {}
-    for ragged in (False, True):
-        planner = WidthPlanner(GAMMA, COST, "cpu", decay=1.0, ragged=ragged)
-        planner.observe(logits, torch.tensor([0, 0]), 0)  # nothing verified: the calibration stays at 1
-        gains[ragged] = planner.gains
-    survival = torch.sigmoid(torch.tensor(4.0)) ** torch.arange(1, GAMMA + 1)
-    assert gains[True][3] == pytest.approx(float(survival[:4].sum()) / 2)  # W = 3: 4 drafts, all to request 0
-    assert all(r >= u - 1e-6 for r, u in zip(gains[True], gains[False])) and gains[True][3] > gains[False][3] + 0.5
-
-
 def test_calibration_log(tmp_path):
     path = tmp_path / "calibration.jsonl"
     log = CalibrationLog.from_env({"SGLANG_DSPARK_CALIBRATION_LOG": str(path)})

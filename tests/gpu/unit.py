@@ -182,7 +182,6 @@ def check_worker_step(report: Report) -> None:
     def target_forward(batch=None, forward_batch=None, is_verify=False, skip_attn_backend_init=False):
         ids = forward_batch.draft_token
         seen["verify_ids"] = ids.clone()
-        seen["verify_rows"] = getattr(forward_batch, "rows", None)
         logits = torch.nn.functional.one_hot(f[ids], vocab).float() * 10
         return types.SimpleNamespace(can_run_cuda_graph=False, logits_output=LogitsProcessorOutput(
             next_token_logits=logits, hidden_states=torch.randn(ids.shape[0], features)))
@@ -305,11 +304,7 @@ def check_worker_step(report: Report) -> None:
                 return self.fixed
 
             def observe(self, confidence_logits, accepted, verified):
-                verified = verified.tolist() if isinstance(verified, torch.Tensor) else verified
                 self.observed.append((tuple(confidence_logits.shape), accepted.tolist(), verified))
-
-            def survival(self, confidence_logits):  # calibrated survivals that spread 6 drafts as 4 / 2 / 0
-                return torch.tensor([[0.9, 0.8, 0.7, 0.6], [0.95, 0.85, 0.1, 0.05], [0.2, 0.1, 0.05, 0.01]])
 
         for width in (3, 1):
             worker._planner = planner = Planner(width)
@@ -329,29 +324,6 @@ def check_worker_step(report: Report) -> None:
                          + (", no draft pass" if width == 1 else ", planner observes the step"), ok,
                          None if ok else {"accept_lens": result.accept_lens.tolist(), "want": want, "out": out.tolist(),
                                           "observed": planner.observed})
-        # Ragged verification (SGLANG_DSPARK_RAGGED_VERIFY): width 3's budget of 3 x 2 drafts spread by survival as
-        # 4 / 2 / 0: request b's bonus and first L_b drafts packed into the 9 rows, acceptance cut at L_b (a
-        # target token of its own at row L_b where every verified draft was right), the whole window committed
-        # from the outputs gathered back to it.
-        worker._planner, worker._ragged = Planner(3), True
-        lengths = [4, 2, 0]
-        result = worker._decode(batch(bonus, prefix, [True, True, True]), None)
-        worker._ragged = False
-        want = [min(expected(b)[0], n) for b, n in zip(bonus, lengths)]
-        out = result.next_token_ids.view(3, gamma + 1)
-        rows = [[int(x) for x in _chain(f, b, a + 1)] for b, a in zip(bonus, want)]
-        packed = sum(([b] + [int(x) for x in _chain(g, b, n)] for b, n in zip(bonus, lengths)), [])
-        ok = (result.accept_lens.tolist() == [a + 1 for a in want]
-              and all(out[i, : a + 1].tolist() == rows[i] for i, a in enumerate(want))
-              and seen["verify_ids"].tolist() == packed and seen["verify_rows"].tolist() == [n + 1 for n in lengths]
-              and committed["positions"].view(3, gamma + 1).tolist() == [[p + k for k in range(gamma + 1)] for p in prefix]
-              and committed["target_hidden"].shape[0] == 3 * (gamma + 1)
-              and committed["commit_lens"].tolist() == result.accept_lens.tolist()
-              and worker._planner.observed == [((3, gamma), want, lengths)])
-        report.check("worker step (ragged, width 3): per-request lengths 4 / 2 / 0 packed, acceptance cut there", ok,
-                     None if ok else {"accept_lens": result.accept_lens.tolist(), "want": want, "out": out.tolist(),
-                                      "verify_ids": seen["verify_ids"].tolist(), "packed": packed,
-                                      "observed": worker._planner.observed})
         worker._planner = None
 
 

@@ -226,18 +226,18 @@ def test_every_rank_takes_rank0_uniforms_and_hidden_states(dtype, bs, gamma, d):
 
 
 def test_decode_step_broadcasts_once_per_step(dspark_plugin, tmp_path, monkeypatch):
-    """``tests/gpu/unit.py``'s worker step (greedy, mixed, simulated, scheduled widths 3 and 1, ragged) with a TP
-    group: every check still passes and each decode step broadcasts exactly once, from rank 0 (a width-1 step
-    drafts nothing but still takes rank 0's uniforms)."""
+    """``tests/gpu/unit.py``'s worker step (greedy, mixed, simulated, scheduled widths 3 and 1) with a TP group:
+    every check still passes and each decode step broadcasts exactly once, from rank 0 (a width-1 step drafts
+    nothing but still takes rank 0's uniforms)."""
     import sglang_dspark.worker as worker_module
 
     group = _BroadcastGroup()
     monkeypatch.setattr(worker_module.DSparkWorker, "_tp_group", group)
     checks = run_worker_step_checks("worker-step-tp", tmp_path, monkeypatch)
     failed = [c for c in checks if not c["ok"]]
-    assert len(checks) == 7 and not failed, failed
-    assert [src for src, _, _ in group.calls] == [0] * 7
-    assert group.objects == [(0, 3), (0, 1), (0, 3)]  # the scheduled steps' widths, from rank 0
+    assert len(checks) == 6 and not failed, failed
+    assert [src for src, _, _ in group.calls] == [0] * 6
+    assert group.objects == [(0, 3), (0, 1)]  # the scheduled steps' widths, from rank 0
 
 
 def test_every_rank_takes_rank0_verify_width(dspark_plugin):
