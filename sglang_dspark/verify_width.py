@@ -26,9 +26,9 @@ measured, so choosing it adds no host synchronisation:
   profile (``measure_profile``).
 
 Lossless: the width of a step depends only on earlier steps, never on the drafts it verifies, so greedy
-output is unchanged and rejection sampling stays exact for any width (spec D.2). The per-request ragged
-lengths of ``sglang_dspark.verify_schedule`` are not used here: one width per step keeps SGLang's
-fixed-width verify graphs and attention plans.
+output is unchanged and rejection sampling stays exact for any width (spec D.2). One width per step, not a
+length per request: FlashInfer's verify plan (and so its CUDA graphs) fixes each request's query rows and
+output offsets on the host, where the confidences of the step being verified are not known without a sync.
 """
 
 from __future__ import annotations
