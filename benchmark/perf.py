@@ -68,6 +68,11 @@ Setting = tuple[str, dict[str, str], list[str]]  # (name, server env, DSPARK fla
 FULL = ["--speculative-dspark-verify", "full"]
 
 
+def with_host_lengths(rows: list[Setting]) -> list[Setting]:
+    """The same settings planning attention from the host lengths the scheduler waits for (``-sync``)."""
+    return [(f"{name}-sync", {**env, "SGLANG_DSPARK_NO_SEQ_LENS_SYNC": "0"}, extra) for name, env, extra in rows]
+
+
 def settings(engine: str, breakdown: bool, sync: bool = False, scheduled: bool = False) -> list[Setting]:
     """(name, server env, extra DSPARK flags) per setting; "baseline" is no speculation."""
     ours = engine == "ours"
@@ -81,18 +86,17 @@ def settings(engine: str, breakdown: bool, sync: bool = False, scheduled: bool =
     if breakdown:
         rows.append(("breakdown", {**card, "SGLANG_DSPARK_STEP_TIMING": "100"}, flags))
     if sync:
-        rows += [(f"{name}-sync", {**env, "SGLANG_DSPARK_NO_SEQ_LENS_SYNC": "0"}, extra) for name, env, extra in dspark]
+        rows += with_host_lengths(dspark)
     if scheduled and ours:
-        rows += [(f"{name}-sched", env, []) for name, env, _ in dspark]
-        if sync:
-            rows += [(f"{name}-sched-sync", {**env, "SGLANG_DSPARK_NO_SEQ_LENS_SYNC": "0"}, [])
-                     for name, env, _ in dspark]
+        sched = [(f"{name}-sched", env, []) for name, env, _ in dspark]
+        rows += sched + (with_host_lengths(sched) if sync else [])
     return rows
 
 
-def scheduled(extra: list[str]) -> bool:
-    """A DSPARK setting that runs scheduled verification (the default: no ``--speculative-dspark-verify``)."""
-    return "--speculative-dspark-verify" not in extra
+def runs_scheduled(name: str, extra: list[str]) -> bool:
+    """Our DSPARK setting running scheduled verification (the default: no ``--speculative-dspark-verify``), not
+    the no-speculation baseline."""
+    return name != "baseline" and "--speculative-dspark-verify" not in extra
 
 
 def measure_cost_profile(out: Path, port: int) -> dict[str, Any]:
@@ -164,14 +168,14 @@ def main() -> int:
     results.update({"engine": args.engine, "server_args": SERVER_ARGS, "spec_args": SPEC_ARGS,
                     "prompt_len": PROMPT_LEN, "output_len": OUT_LEN, "settings": {}, "skipped": []})
     port = 33000
-    if args.engine == "ours" and any(name != "baseline" and scheduled(extra) for name, _, extra in rows):
+    if args.engine == "ours" and any(runs_scheduled(name, extra) for name, _, extra in rows):
         try:
             results["cost_profile"] = measure_cost_profile(LOG_DIR / "cost-profile.json", port)
         except Exception as exc:  # noqa: BLE001 - the scheduled servers then time their own (auto)
             report.check("cost profile measured first (profiler command)", False, f"{type(exc).__name__}: {exc}"[:4000])
         else:
             profile_flag = ["--speculative-dspark-cost-profile", results["cost_profile"]["path"]]
-            rows = [(n, e, x + profile_flag if n != "baseline" and scheduled(x) else x) for n, e, x in rows]
+            rows = [(n, e, x + profile_flag if runs_scheduled(n, x) else x) for n, e, x in rows]
         port += 10
     for start in range(0, len(rows), args.wave):
         wave = []

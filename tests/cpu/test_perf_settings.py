@@ -34,7 +34,7 @@ def test_settings(monkeypatch, tmp_path):
     assert sorted(n for n in rows if n.endswith("-sync") and "-sched" not in n) == [
         "acc1-sync", "acc2-sync", "acc3-sync", "card-sync"]
     assert rows["acc2-sched-sync"] == ({"SGLANG_SIMULATE_ACC_LEN": "2", "SGLANG_DSPARK_NO_SEQ_LENS_SYNC": "0"}, [])
-    assert [perf.scheduled(flags) for flags in (rows["acc2-sched-sync"][1], rows["acc2-sync"][1])] == [True, False]
+    assert [perf.runs_scheduled(n, rows[n][1]) for n in ("acc2-sched-sync", "acc2-sync", "baseline")] == [True, False, False]
     assert rows["acc3-sync"] == ({"SGLANG_SIMULATE_ACC_LEN": "3", "SGLANG_DSPARK_NO_SEQ_LENS_SYNC": "0"}, perf.FULL)
     assert "SGLANG_DSPARK_NO_SEQ_LENS_SYNC" not in rows["acc3"][0]
     assert sorted(n for n in rows if n.endswith("-sched")) == ["acc1-sched", "acc2-sched", "acc3-sched", "card-sched"]
