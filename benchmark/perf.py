@@ -24,7 +24,10 @@ others start next to it.
 
 Writes ``$OUT/perf-<engine>.json``: command, commit, date, device, server flags, and per setting and
 concurrency the throughput, the speedup over this run's no-speculation server and the measured accept
-length (completion tokens / verify steps). Concurrencies run in the order given (``1,32,8,64``), each only
+length (completion tokens / verify steps). ``--trace C`` records a GPU kernel trace of ``TRACE_STEPS`` decode steps
+in the middle of each setting's concurrency-``C`` load (SGLang's ``/start_profile``, GPU activity only) and
+stores its summary (``benchmark/analysis/gpu_trace.py``: busy share, idle gaps, kernels by time) with the
+point; that point's throughput then carries the profiler's cost. Concurrencies run in the order given (``1,32,8,64``), each only
 when the budget (``--budget``, seconds from the start) leaves room for it; a skipped point is recorded.
 """
 
@@ -41,12 +44,14 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "gpu"))
+sys.path.insert(0, str(REPO / "benchmark" / "analysis"))
 
 from harness import Report, Server, pack_logs, random_prompts  # noqa: E402
 
 QWEN3_8B = REPO / "tests" / "gpu" / "qwen3_8b"
 CARD_PROFILE = (0.605, 0.341, 0.186, 0.099, 0.052, 0.027, 0.014)  # Qwen3-8B-DSpark card, mean accept 2.324
 PROMPT_LEN, OUT_LEN, MAX_BS = 512, 512, 64
+TRACE_STEPS = 40
 LOG_DIR = Path(os.environ.get("PERF_LOG_DIR", "/tmp/perf-logs"))
 
 # The same for every engine and setting (shared/device/README.md: flashinfer, no grammar backend).
@@ -115,13 +120,16 @@ def prompts(n: int, seed: int) -> list[list[int]]:
     return random_prompts(n, PROMPT_LEN, 150000, seed, low=100)
 
 
-def measure(server: Server, concurrency: int, seed: int) -> dict[str, Any]:
+def measure(server: Server, concurrency: int, seed: int, trace_dir: Path | None = None) -> dict[str, Any]:
+    """One load point; with ``trace_dir`` a GPU trace of ``TRACE_STEPS`` steps is taken once the load runs."""
     n = 3 if concurrency == 1 else 2 * concurrency
     params = {"temperature": 0.0, "max_new_tokens": OUT_LEN, "ignore_eos": True}
     batch = prompts(n, seed)
     start = time.time()
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+    with ThreadPoolExecutor(max_workers=concurrency + 1) as pool:
+        traced = pool.submit(trace_steps, server, trace_dir) if trace_dir is not None else None
         responses = list(pool.map(lambda ids: server.generate(ids, params), batch))
+        trace = traced.result() if traced is not None else None
     wall = time.time() - start
     meta = [r["meta_info"] for r in responses]
     tokens = sum(m["completion_tokens"] for m in meta)
@@ -129,7 +137,30 @@ def measure(server: Server, concurrency: int, seed: int) -> dict[str, Any]:
     return {"concurrency": concurrency, "requests": n, "wall_s": round(wall, 3), "output_tokens": tokens,
             "output_tok_s": round(tokens / wall, 1),
             "accept_length": round(tokens / steps, 3) if steps else None,
-            "mean_e2e_s": round(sum(m["e2e_latency"] for m in meta) / n, 3)}
+            "mean_e2e_s": round(sum(m["e2e_latency"] for m in meta) / n, 3),
+            **({"gpu_trace": trace} if trace is not None else {})}
+
+
+def trace_steps(server: Server, out_dir: Path, delay_s: float = 2.0) -> dict[str, Any]:
+    """After ``delay_s`` (prompts prefilled, decoding), a GPU-only trace of ``TRACE_STEPS`` forward steps through
+    SGLang's ``/start_profile``, summarised by ``gpu_trace.summarize`` (the trace file itself stays in the logs)."""
+    import requests
+    from gpu_trace import device_events, load, summarize
+
+    time.sleep(delay_s)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    body = {"output_dir": str(out_dir), "num_steps": TRACE_STEPS, "activities": ["GPU"], "with_stack": False}
+    requests.post(server.url + "/start_profile", json=body, timeout=60).raise_for_status()
+    for _ in range(120):
+        files = sorted(out_dir.glob("*.trace.json.gz"))
+        if files:
+            time.sleep(1.0)  # the export may still be writing
+            try:
+                return {"file": str(files[-1]), **summarize(device_events(load(files[-1])), TRACE_STEPS)}
+            except (OSError, ValueError):
+                continue
+        time.sleep(0.5)
+    return {"error": f"no trace written to {out_dir}"}
 
 
 def timing_lines(log: Path) -> list[dict[str, Any]]:
@@ -154,6 +185,9 @@ def main() -> int:
                         help="ours: add acc1/acc3/acc2/card with scheduled verification (the default without FULL flags)")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds from start for the whole run")
     parser.add_argument("--wave", type=int, default=3, help="servers started together")
+    parser.add_argument("--trace", type=int, default=0, help="a concurrency whose points get a GPU kernel trace")
+    parser.add_argument("--cost-profile", default="",
+                        help="ours: a cost profile file for the scheduled settings instead of measuring one first")
     args = parser.parse_args()
     t0 = float(os.environ.get("PERF_T0", time.time()))
     deadline = t0 + args.budget
@@ -170,7 +204,10 @@ def main() -> int:
     port = 33000
     if args.engine == "ours" and any(runs_scheduled(name, extra) for name, _, extra in rows):
         try:
-            results["cost_profile"] = measure_cost_profile(LOG_DIR / "cost-profile.json", port)
+            results["cost_profile"] = (
+                {"path": str(Path(args.cost_profile).resolve()), "given": True} if args.cost_profile
+                else measure_cost_profile(LOG_DIR / "cost-profile.json", port)
+            )
         except Exception as exc:  # noqa: BLE001 - the scheduled servers then time their own (auto)
             report.check("cost profile measured first (profiler command)", False, f"{type(exc).__name__}: {exc}"[:4000])
         else:
@@ -207,7 +244,8 @@ def main() -> int:
                     if time.time() + (40 if c <= 8 else 30) > deadline - 15:
                         results["skipped"].append(f"{name} c{c}: budget")
                         continue
-                    point = measure(server, c, seed=c)
+                    point = measure(server, c, seed=c,
+                                    trace_dir=LOG_DIR / f"trace-{name}-c{c}" if c == args.trace else None)
                     entry["points"].append(point)
                     print(f"[perf] {args.engine} {name} c{c}: {point}", flush=True)
                 if name == "breakdown":

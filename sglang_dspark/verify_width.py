@@ -66,7 +66,7 @@ class WidthPlanner:
 
     def __init__(
         self, gamma: int, cost: CostProfile, device: torch.device | str, *, decay: float = 0.99,
-        probe: tuple[int, int] = (4, 32), clock: Callable[[], float] = time.perf_counter,
+        probe: tuple[int, int] = (4, 128), clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.gamma = gamma
         self.cost = cost
@@ -200,8 +200,6 @@ class VerifyGraphs:
             backend = model_runner._get_attention_backend()
             if getattr(backend, "verify_decode_rows", 0):  # deterministic DSPARK verify: W decode rows
                 backend.verify_decode_rows = width
-            # The sync-free plan (the default with FlashInfer): upper bounds like the default backend, no KV split.
-            backend.needs_cpu_seq_lens = model_runner.attn_backend.needs_cpu_seq_lens
             self.backends[width] = backend
             if graphs:
                 self.runners[width] = type(self.default[1])(
