@@ -6,7 +6,8 @@
 One run measures one engine: its own no-speculation server and its DSPARK at simulated accept lengths
 1, 2 and 3 (``SGLANG_SIMULATE_ACC_LEN``) and at the Qwen3-8B-DSpark card's per-position profile
 (``SGLANG_DSPARK_SIMULATE_ACC_PROFILE``; SGLang 0.5.17 has no profile knob, so it gets the profile's mean
-2.33 as ``SGLANG_SIMULATE_ACC_LEN`` instead). Servers: ``tests/gpu/qwen3_8b`` target and draft configs,
+2.33 as ``SGLANG_SIMULATE_ACC_LEN`` instead), and ``dummy``: no simulation, the dummy-weight drafter's drafts
+verified for real (a drafter that is weak in fact: its accept length is measured, near 1). Servers: ``tests/gpu/qwen3_8b`` target and draft configs,
 ``--load-format dummy``, the same flags for every engine and setting; three at a time on the one GPU
 (started together, measured one after the other once all three are up). Load: random 512-id prompts, 512 new tokens, greedy,
 ``ignore_eos``, ``2 x concurrency`` requests (3 at concurrency 1) after a warm-up; output tok/s = all
@@ -86,8 +87,8 @@ def settings(engine: str, breakdown: bool, sync: bool = False, scheduled: bool =
     flags = FULL if ours else []
     rows = [("baseline", {}, []), ("acc1", {"SGLANG_SIMULATE_ACC_LEN": "1"}, flags),
             ("acc3", {"SGLANG_SIMULATE_ACC_LEN": "3"}, flags), ("acc2", {"SGLANG_SIMULATE_ACC_LEN": "2"}, flags),
-            ("card", card, flags)]
-    dspark = rows[1:5]
+            ("card", card, flags), ("dummy", {}, flags)]
+    dspark = rows[1:6]
     if breakdown:
         rows.append(("breakdown", {**card, "SGLANG_DSPARK_STEP_TIMING": "100"}, flags))
     if sync:
@@ -201,7 +202,7 @@ def main() -> int:
     results = report.data["results"]
     results.update({"engine": args.engine, "server_args": SERVER_ARGS, "spec_args": SPEC_ARGS,
                     "prompt_len": PROMPT_LEN, "output_len": OUT_LEN, "settings": {}, "skipped": []})
-    port = 33000
+    port = 29000  # below the ephemeral range, where each server's NCCL port is taken (tests/gpu/issue6.py)
     if args.engine == "ours" and any(runs_scheduled(name, extra) for name, _, extra in rows):
         try:
             results["cost_profile"] = (

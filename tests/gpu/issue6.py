@@ -92,8 +92,10 @@ CALIB_LOADS = ((8, 32), (64, 64))  # (concurrency, requests), 256 new tokens eac
 TINY_ARGS = ["--context-length", "2048", "--mem-fraction-static", "0.15", "--cuda-graph-max-bs-decode", "64",
              "--max-running-requests", "64", "--disable-radix-cache", "--decode-log-interval", "40"]
 DETERMINISTIC_ARGS = ["--enable-deterministic-inference"]
-PORTS = {"nospec": 34100, "full": 34200, "scheduled": 34300, "calib": 34400, "weak-full": 34500,
-         "weak-sched": 34600, "weak-recal": 34700, "det-nospec": 34800, "det-scheduled": 34900}
+# Below Linux's ephemeral range (32768..): a server's own NCCL port is any free one there, so an HTTP port in it can
+# be taken by the server started just before (it happened to det-nospec's 34800).
+PORTS = {"nospec": 30100, "full": 30200, "scheduled": 30300, "calib": 30400, "weak-full": 30500,
+         "weak-sched": 30600, "weak-recal": 30700, "det-nospec": 30800, "det-scheduled": 30900}
 PART_A = ("nospec", "full", "scheduled")
 PART_B = ("nospec", "weak-full", "weak-sched", "weak-recal")
 
