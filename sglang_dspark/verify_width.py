@@ -200,6 +200,8 @@ class VerifyGraphs:
             backend = model_runner._get_attention_backend()
             if getattr(backend, "verify_decode_rows", 0):  # deterministic DSPARK verify: W decode rows
                 backend.verify_decode_rows = width
+            # The sync-free plan (the default with FlashInfer): upper bounds like the default backend, no KV split.
+            backend.needs_cpu_seq_lens = model_runner.attn_backend.needs_cpu_seq_lens
             self.backends[width] = backend
             if graphs:
                 self.runners[width] = type(self.default[1])(

@@ -346,9 +346,9 @@ class DSparkWorker(DFlashWorkerV2):
         """The default with FlashInfer (``SGLANG_DSPARK_NO_SEQ_LENS_SYNC=0`` turns it off, ``=1`` requires it):
         the target's and the draft's FlashInfer backends opt out of the scheduler's host mirror of the sequence
         lengths (``needs_cpu_seq_lens``), so preparing step N + 1 does not wait for step N's acceptance on the
-        GPU (SGLang's ``resolve_seq_lens_cpu``). The step then plans attention from the reserved upper bounds
-        (a KV split planned from them only adds trailing chunks that FlashInfer's kernel clamps to the device
-        lengths). Other backends keep the host lengths."""
+        GPU (SGLang's ``resolve_seq_lens_cpu``). The step then plans attention from the reserved upper bounds,
+        and patch 0010 captures and replays the verify graphs without a KV split (the cost: at small batch and
+        long context the verify attention runs on fewer thread blocks). Other backends keep the host lengths."""
         from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 
         backends = [b for b in self.spec_v2_attn_backends if b is not None]
@@ -365,8 +365,9 @@ class DSparkWorker(DFlashWorkerV2):
         for backend in backends:
             backend.needs_cpu_seq_lens = False
         self._lengths_from_bounds = True
-        logger.info("DSPARK: FlashInfer attention planned from reserved sequence-length bounds: the scheduler does "
-                    "not wait for each step's lengths (%s=0 plans from the exact lengths).", NO_SEQ_LENS_SYNC_ENV)
+        logger.info("DSPARK: FlashInfer attention planned from reserved sequence-length bounds, without a KV split: "
+                    "the scheduler does not wait for each step's lengths (%s=0 plans from the exact lengths, with "
+                    "a KV split, for long contexts at small batch).", NO_SEQ_LENS_SYNC_ENV)
 
     def _dspark_config(self) -> DSparkConfig:
         if not isinstance(self.draft_model, DSparkDraftModel):
@@ -645,7 +646,7 @@ class DSparkWorker(DFlashWorkerV2):
     ) -> tuple[torch.Tensor, int]:
         """Host KV lengths of a ``width``-token forward for attention planning, no sync: exact from the
         scheduler's host mirror (committed + width), or, sync-free (``_plan_from_upper_bounds``), the reserved
-        upper bounds.
+        upper bounds, which FlashInfer may only plan from without a KV split (patch 0010 sees to that).
 
         Sync-free, the bounds are used whatever ``batch.seq_lens_cpu`` holds: the scheduler's resolve sets it
         to None, but returns early for a batch without future indices, leaving the seed of

@@ -1,4 +1,4 @@
-"""Patch 0010 (FlashInfer, DSPARK verify): the deterministic decode-row layout, capture and replay planned alike."""
+"""Patch 0010 (FlashInfer, DSPARK verify): the deterministic decode-row layout, the no-split plan from upper bounds."""
 
 from __future__ import annotations
 
@@ -31,14 +31,37 @@ def test_verify_decode_rows_layout(dspark_plugin):
     assert kv_cpu.tolist() == [1, 1, 1]
 
 
+def test_fast_prefill_plan_passes_disable_split_kv(dspark_plugin):
+    """Patch 0010: the sync-free verify plan hands ``disable_split_kv`` to FlashInfer's planner (a backend that
+    plans from upper-bound lengths must not split the KV)."""
+    from sglang.srt.layers.attention.flashinfer_backend import fast_prefill_plan
+
+    for disable in (False, True):
+        calls = []
+        bs, width = 2, 3
+        wrapper = types.SimpleNamespace(
+            is_cuda_graph_enabled=True, _backend="fa2", _max_total_num_rows=None, device=torch.device("cpu"),
+            _cached_module=types.SimpleNamespace(plan=lambda *args: calls.append(args)),
+            _float_workspace_buffer=None, _int_workspace_buffer=None, _pin_memory_int_workspace_buffer=None,
+            _qo_indptr_buf=torch.zeros(bs + 1, dtype=torch.int32), _paged_kv_indptr_buf=torch.zeros(bs + 1, dtype=torch.int32),
+            _paged_kv_last_page_len_buf=torch.zeros(bs, dtype=torch.int32), _paged_kv_indices_buf=torch.zeros(64, dtype=torch.int32),
+        )
+        qo = torch.arange(0, (bs + 1) * width, width, dtype=torch.int32)
+        kv = torch.tensor([0, 10, 25], dtype=torch.int32)
+        fast_prefill_plan(
+            wrapper, qo, kv, torch.arange(25, dtype=torch.int32), torch.ones(bs, dtype=torch.int32), 4, 2, 8, 1,
+            causal=True, qo_indptr_host=qo, kv_indptr_host=kv, kv_lens_host=torch.tensor([10, 15], dtype=torch.int32),
+            max_q_len=width, max_kv_len=15, disable_split_kv=disable,
+        )
+        assert len(calls) == 1 and calls[0][-2] is disable and calls[0][-3] == -1  # no fixed split size given
+
+
 @pytest.mark.parametrize("needs_cpu", [True, False])
-def test_verify_plan_splits_kv_at_capture_and_replay(dspark_plugin, needs_cpu):
-    """Patch 0010: DSPARK's verify is planned the same way at capture (FlashInfer's real ``plan``) and at replay
-    (``fast_prefill_plan``, from the host lengths: exact, or the reserved upper bounds of a backend that opted out
-    of the host seq_lens mirror): KV split allowed in both. In CUDA-graph mode FlashInfer always splits unless
-    told not to, and a graph captured with a split keeps launching the split kernel and its merge, which a replay
-    planned without one would leave reading a stale split layout (session 4's broken sync-free drafter). Bounds
-    above the device lengths only add trailing chunks, which the kernel clamps to the device length (empty)."""
+def test_verify_plan_splits_kv_only_with_host_lengths(dspark_plugin, needs_cpu):
+    """Patch 0010: a backend that opted out of the host seq_lens mirror plans DSPARK's verify without a KV split
+    at capture (FlashInfer's real ``plan``) as well as at replay (``fast_prefill_plan``). In CUDA-graph mode
+    FlashInfer always splits unless told not to, and a graph captured with a split keeps launching the split
+    kernel and its merge, which a replay planned without one leaves reading the stale split layout."""
     from functools import partial
 
     from sglang.srt.layers.attention.flashinfer_backend import FlashInferIndicesUpdaterPrefill, fast_prefill_plan
@@ -76,11 +99,10 @@ def test_verify_plan_splits_kv_at_capture_and_replay(dspark_plugin, needs_cpu):
         )
 
     plan()
-    assert not capture_kwargs.get("disable_split_kv", False)
+    assert capture_kwargs["disable_split_kv"] is (not needs_cpu)
     wrapper.begin_forward = partial(fast_prefill_plan, wrapper)  # installed after capture
     plan()
-    assert len(replay_args) == 1 and replay_args[0][-2] is False and replay_args[0][-3] == -1  # split, size free
-    assert replay_args[0][5].tolist() == (lens + width).tolist()  # planned from the host lengths given
+    assert len(replay_args) == 1 and replay_args[0][-2] is (not needs_cpu)
 
 
 def test_sync_free_plan_by_default(dspark_plugin, monkeypatch):

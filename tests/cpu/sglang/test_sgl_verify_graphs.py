@@ -11,10 +11,10 @@ pytestmark = pytest.mark.sglang
 pytest.importorskip("sglang.srt")  # "sglang" alone would find this test dir
 
 
-DEFAULT_BACKEND = types.SimpleNamespace()
+DEFAULT_BACKEND = types.SimpleNamespace(needs_cpu_seq_lens=True)
 
 
-def _model_runner(default_runner, deterministic: bool):
+def _model_runner(default_runner, deterministic: bool, default_backend=DEFAULT_BACKEND):
     made = []
 
     def get_backend():
@@ -23,7 +23,7 @@ def _model_runner(default_runner, deterministic: bool):
         return backend
 
     runner = types.SimpleNamespace(
-        attn_backend=DEFAULT_BACKEND, decode_cuda_graph_runner=default_runner, _get_attention_backend=get_backend,
+        attn_backend=default_backend, decode_cuda_graph_runner=default_runner, _get_attention_backend=get_backend,
         server_args=types.SimpleNamespace(speculative_num_draft_tokens=8),
     )
     return runner, made
@@ -69,3 +69,16 @@ def test_without_captured_graphs_widths_run_eagerly_on_their_backends(dspark_plu
         assert model_runner.decode_cuda_graph_runner is eager
         assert model_runner.attn_backend is graphs.backends[5] and graphs.backends[5].verify_decode_rows == 5
     assert model_runner.attn_backend is DEFAULT_BACKEND
+
+
+@pytest.mark.parametrize("needs_cpu", [True, False])
+def test_widths_plan_like_the_default_backend(dspark_plugin, needs_cpu):
+    """With the sync-free plan the default backend plans from upper bounds (no host lengths, so
+    no KV split); every width's backend must do the same, or a narrower verify would split the KV by bounds."""
+    from sglang_dspark.verify_width import VerifyGraphs
+
+    eager = types.SimpleNamespace(can_run_graph=lambda forward_batch: False)
+    default_backend = types.SimpleNamespace(needs_cpu_seq_lens=needs_cpu)
+    model_runner, made = _model_runner(eager, deterministic=False, default_backend=default_backend)
+    VerifyGraphs(model_runner, range(1, 8))
+    assert [b.needs_cpu_seq_lens for b in made] == [needs_cpu] * 7
