@@ -180,10 +180,10 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma-separated setting names to run (default: all)")
     parser.add_argument("--breakdown", action="store_true", help="ours: add the step-timing server (per-phase times per batch size)")
     parser.add_argument("--sync", action="store_true",
-                        help="ours: add acc1/acc3/acc2/card with SGLANG_DSPARK_NO_SEQ_LENS_SYNC=0 (with --scheduled "
+                        help="ours: add acc1/acc3/acc2/card/dummy with SGLANG_DSPARK_NO_SEQ_LENS_SYNC=0 (with --scheduled "
                              "also scheduled)")
     parser.add_argument("--scheduled", action="store_true",
-                        help="ours: add acc1/acc3/acc2/card with scheduled verification (the default without FULL flags)")
+                        help="ours: add acc1/acc3/acc2/card/dummy with scheduled verification (the default without FULL flags)")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds from start for the whole run")
     parser.add_argument("--wave", type=int, default=3, help="servers started together")
     parser.add_argument("--trace", type=int, default=0, help="a concurrency whose points get a GPU kernel trace")
