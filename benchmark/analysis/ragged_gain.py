@@ -1,0 +1,127 @@
+"""What per-request verify lengths would gain over one verify width per step, from logged drafted steps.
+
+    python benchmark/analysis/ragged_gain.py RECORDS.jsonl COST_PROFILE.json [--overhead-ms 1.5]
+        [--batch-sizes 1,8,32,64] [--seed 0]
+
+RECORDS are ``SGLANG_DSPARK_CALIBRATION_LOG`` lines (``{"confidence": [sigmoid(c_1)..], "accepted": a,
+"verified": L}``); only fully verified ones (``L = gamma``) are used, so ``min(a, l)`` is what verifying ``l``
+drafts would have accepted. They are shuffled and cut into batches of each size. Per batch both policies see
+the same calibrated survivals ``s_{b,k}`` (the planner's: conditional confidences rescaled per position by
+measured / predicted acceptance over all records, capped at 1, cumulative products) and the cost profile's step
+time ``overhead + draft_ms(bs) [any draft] + verify_ms(tokens)``:
+
+* per-step width: the ``W`` maximising expected committed tokens per ms (``bs * W`` tokens verified);
+* per-request lengths: the ``n`` drafts maximising it, taken as the ``n`` largest survivals of the batch (each
+  request's survivals fall with ``k``, so this keeps every request's verified drafts a prefix).
+
+Reported per batch size: committed tokens per ms that the logged acceptances give each policy (and full
+verification, and no drafts), and the per-request / per-step ratio. Both choose from the current step's
+confidences; the server's per-step width uses earlier steps' (it cannot wait for these), so this is the gain
+of per-request lengths at equal information, an upper bound of what a lagged per-request choice could add.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from sglang_dspark.cost_profile import CostProfile  # noqa: E402
+
+
+def load_records(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fully verified records -> (confidences float ``[n, gamma]``, accepted int ``[n]``)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    gamma = max(len(r["confidence"]) for r in rows)
+    full = [r for r in rows if r["verified"] == gamma]
+    return (torch.tensor([r["confidence"] for r in full], dtype=torch.float64),
+            torch.tensor([r["accepted"] for r in full], dtype=torch.int64))
+
+
+def calibrated_survival(confidence: torch.Tensor, accepted: torch.Tensor) -> torch.Tensor:
+    """Survivals ``[n, gamma]``: conditionals rescaled per position by measured / predicted, capped at 1."""
+    positions = torch.arange(confidence.shape[1])
+    reached = positions[None, :] <= accepted[:, None]  # drafts before k accepted
+    hits = positions[None, :] < accepted[:, None]
+    ratio = hits.sum(0).double() / (confidence * reached).sum(0).clamp(min=1e-9)
+    return (confidence * ratio).clamp(max=1.0).cumprod(dim=-1)
+
+
+def step_ms(cost: CostProfile, overhead_ms: float, bs: int, drafts: int) -> float:
+    return overhead_ms + (cost.draft_ms(bs) if drafts > 0 else 0.0) + cost.verify_ms(bs + drafts)
+
+
+def per_step(survival: torch.Tensor, accepted: torch.Tensor, cost: CostProfile, overhead_ms: float) -> tuple[float, float]:
+    """(committed tokens, ms) of the best single width for the batch."""
+    bs, gamma = survival.shape
+    expected = [bs + float(survival[:, :w].sum()) for w in range(gamma + 1)]  # w drafts per request
+    w = max(range(gamma + 1), key=lambda w: expected[w] / step_ms(cost, overhead_ms, bs, bs * w))
+    return float(bs + accepted.clamp(max=w).sum()), step_ms(cost, overhead_ms, bs, bs * w)
+
+
+def per_request(survival: torch.Tensor, accepted: torch.Tensor, cost: CostProfile, overhead_ms: float) -> tuple[float, float]:
+    """(committed tokens, ms) of the best per-request lengths: the n largest survivals of the batch."""
+    bs, gamma = survival.shape
+    order = survival.flatten().argsort(descending=True)
+    cumulative = torch.cat([torch.zeros(1, dtype=survival.dtype), survival.flatten()[order].cumsum(0)])
+    n = max(range(bs * gamma + 1), key=lambda n: (bs + float(cumulative[n])) / step_ms(cost, overhead_ms, bs, n))
+    lengths = torch.zeros(bs * gamma, dtype=torch.int64)
+    lengths[order[:n]] = 1
+    lengths = lengths.view(bs, gamma).sum(1)
+    return float(bs + torch.minimum(accepted, lengths).sum()), step_ms(cost, overhead_ms, bs, n)
+
+
+def fixed(accepted: torch.Tensor, cost: CostProfile, overhead_ms: float, drafts: int) -> tuple[float, float]:
+    bs = accepted.shape[0]
+    return float(bs + accepted.clamp(max=drafts).sum()), step_ms(cost, overhead_ms, bs, bs * drafts)
+
+
+def compare(confidence: torch.Tensor, accepted: torch.Tensor, cost: CostProfile, overhead_ms: float,
+            batch_sizes: list[int], seed: int = 0) -> dict[int, dict[str, float]]:
+    """Committed tokens per ms per policy and batch size, over the records cut into batches."""
+    survival = calibrated_survival(confidence, accepted)
+    gamma = confidence.shape[1]
+    index = list(range(len(accepted)))
+    random.Random(seed).shuffle(index)
+    out = {}
+    for bs in batch_sizes:
+        totals = {"per_step": [0.0, 0.0], "per_request": [0.0, 0.0], "full": [0.0, 0.0], "none": [0.0, 0.0]}
+        for start in range(0, len(index) - bs + 1, bs):
+            rows = torch.tensor(index[start:start + bs])
+            s, a = survival[rows], accepted[rows]
+            for name, (tokens, ms) in (("per_step", per_step(s, a, cost, overhead_ms)),
+                                       ("per_request", per_request(s, a, cost, overhead_ms)),
+                                       ("full", fixed(a, cost, overhead_ms, gamma)),
+                                       ("none", fixed(a, cost, overhead_ms, 0))):
+                totals[name][0] += tokens
+                totals[name][1] += ms
+        rates = {name: tokens / ms for name, (tokens, ms) in totals.items() if ms > 0}
+        if rates:
+            rates["per_request_over_per_step"] = rates["per_request"] / rates["per_step"]
+            out[bs] = {k: round(v, 4) for k, v in rates.items()}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("records", type=Path)
+    parser.add_argument("cost_profile", type=Path)
+    parser.add_argument("--overhead-ms", type=float, default=1.5)
+    parser.add_argument("--batch-sizes", default="1,8,32,64")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    confidence, accepted = load_records(args.records)
+    result = compare(confidence, accepted, CostProfile.load(str(args.cost_profile)), args.overhead_ms,
+                     [int(b) for b in args.batch_sizes.split(",")], args.seed)
+    print(json.dumps({"records": len(accepted), "mean_accepted": round(float(accepted.double().mean()), 3),
+                      "overhead_ms": args.overhead_ms, "committed_tokens_per_ms": result}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

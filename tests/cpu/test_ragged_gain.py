@@ -1,0 +1,44 @@
+"""benchmark/analysis/ragged_gain.py: per-request verify lengths against one width per step, on logged steps."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmark" / "analysis"))
+
+from ragged_gain import calibrated_survival, compare, per_request, per_step  # noqa: E402
+
+from sglang_dspark.cost_profile import CostProfile  # noqa: E402
+
+# Verification costs 1 ms per 10 tokens on top of 1 ms; a draft pass 1 ms.
+COST = CostProfile(points=((1, 1.1), (1001, 101.1)), draft_points=((1, 1.0), (64, 1.0)))
+
+
+def test_per_request_lengths_split_a_mixed_batch():
+    """One request whose drafts all survive, one whose drafts never do: one width for both verifies either
+    nothing or the bad request's drafts too; per-request lengths verify only the good request's."""
+    survival = torch.tensor([[1.0] * 4, [0.0] * 4], dtype=torch.float64)
+    accepted = torch.tensor([4, 0])
+    tokens_step, ms_step = per_step(survival, accepted, COST, 0.0)
+    tokens_req, ms_req = per_request(survival, accepted, COST, 0.0)
+    assert (tokens_step, round(ms_step, 6)) == (6.0, 3.0)  # width 5 for both: draft + 10 tokens, 6 committed
+    assert (tokens_req, round(ms_req, 6)) == (6.0, 2.6)  # 4 drafts of the good request only: draft + 6 tokens
+    assert tokens_req / ms_req > tokens_step / ms_step
+
+
+def test_calibration_rescales_an_overconfident_head():
+    confidence = torch.full((4, 2), 0.8, dtype=torch.float64)
+    accepted = torch.tensor([0, 0, 1, 2])  # position 1: 2 of 4 accepted; position 2: 1 of 2 reaching it
+    survival = calibrated_survival(confidence, accepted)
+    assert torch.allclose(survival[0], torch.tensor([0.5, 0.25], dtype=torch.float64))
+
+
+def test_compare_reports_every_batch_size_and_the_ratio():
+    torch.manual_seed(0)
+    confidence = torch.rand((64, 7), dtype=torch.float64)
+    accepted = torch.randint(0, 8, (64,))
+    out = compare(confidence, accepted, COST, 0.5, [1, 8, 32])
+    assert sorted(out) == [1, 8, 32]
+    for rates in out.values():
+        assert abs(rates["per_request_over_per_step"] - rates["per_request"] / rates["per_step"]) < 1e-3
