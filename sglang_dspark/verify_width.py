@@ -70,6 +70,7 @@ class WidthPlanner:
     ) -> None:
         self.gamma = gamma
         self.cost = cost
+        self._costs: dict[int, list[float]] = {}  # _gpu_ms per batch size
         self.decay = decay
         self.probe_first, self.probe_max = probe
         self.clock = clock
@@ -89,8 +90,17 @@ class WidthPlanner:
 
     def step_ms(self, bs: int, width: int) -> float:
         """Predicted ms of a step: the profile's draft (when drafting) and verify, plus the measured overhead."""
-        draft = self.cost.draft_ms(bs) if width > 1 else 0.0
-        return self.overhead_ms + draft + self.cost.verify_ms(bs * width)
+        return self.overhead_ms + self._gpu_ms(bs)[width]
+
+    def _gpu_ms(self, bs: int) -> list[float]:
+        """The profile's ms of a step of ``bs`` requests per width (index 1..gamma + 1), computed once per batch
+        size (the step runs on the host each decode step)."""
+        costs = self._costs.get(bs)
+        if costs is None:
+            costs = [0.0] + [(self.cost.draft_ms(bs) if w > 1 else 0.0) + self.cost.verify_ms(bs * w)
+                             for w in range(1, self.gamma + 2)]
+            self._costs[bs] = costs
+        return costs
 
     def theta(self, bs: int, width: int, gains: Sequence[float]) -> float:
         """Expected committed tokens per ms of a step of ``bs`` requests verifying ``width`` tokens each."""

@@ -158,3 +158,16 @@ def test_summary_in_the_log(caplog):
         planner.width(4)
     assert "verify widths over 2 steps {8: 100%}" in caplog.text and "at full width n/a" in caplog.text
     assert not planner.widths  # counted afresh after each summary
+
+
+def test_step_ms_is_the_profile_plus_overhead():
+    """The per-batch-size cache of the profile's step costs gives what the profile says: draft (when drafting)
+    plus verify over bs * W tokens, plus the measured overhead."""
+    planner = WidthPlanner(GAMMA, COST, "cpu")
+    planner.overhead_ms = 1.5
+    for bs in (1, 8, 64):
+        for width in range(1, GAMMA + 2):
+            draft = COST.draft_ms(bs) if width > 1 else 0.0
+            assert planner.step_ms(bs, width) == pytest.approx(1.5 + draft + COST.verify_ms(bs * width))
+    planner.overhead_ms = 0.0
+    assert planner.step_ms(64, 8) == pytest.approx(2.0 + COST.verify_ms(512))
