@@ -273,9 +273,13 @@ def target_token_at(
     u: torch.Tensor,
 ) -> torch.Tensor:
     """The target's own token after ``accepted`` drafts (simulated acceptance): argmax of
-    ``logits_a`` for greedy rows, a sample of ``p_a`` otherwise. logits ``[bs, gamma + 1, V]`` -> ``[bs]``."""
-    rows = torch.arange(target_logits.shape[0], device=target_logits.device)
-    logits = target_logits[rows, accepted]
+    ``logits_a`` for greedy rows, a sample of ``p_a`` otherwise. logits ``[bs, W, V]`` (``W``: the step's verify
+    width, ``accepted < W``) -> ``[bs]``."""
+    if target_logits.shape[1] == 1:  # a plain step (nothing drafted, accepted = 0): a view, no copy of the logits
+        logits = target_logits[:, 0]
+    else:
+        rows = torch.arange(target_logits.shape[0], device=target_logits.device)
+        logits = target_logits[rows, accepted]
     argmax = logits.argmax(dim=-1)
     if sampling is None:
         return argmax

@@ -284,6 +284,11 @@ def test_target_token_at():
     top2 = logits[rows, accepted].topk(2, dim=-1).indices
     assert all(int(t) in top2[b].tolist() for b, t in enumerate(tokens) if b >= 3)
     assert torch.equal(target_token_at(logits, accepted, greedy, None, torch.rand(bs)), logits[rows, accepted].argmax(-1))
+    # A plain step (width 1, nothing accepted): the same tokens from the one row, greedy and sampled alike.
+    plain, zero = logits[:, :1], torch.zeros(bs, dtype=torch.int64)
+    u = torch.rand(bs, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(target_token_at(plain, zero, greedy, None, u), logits[:, 0].argmax(-1))
+    assert torch.equal(target_token_at(plain, zero, greedy, sampling, u), target_token_at(logits, zero, greedy, sampling, u))
 
 
 # ---- simulated acceptance ------------------------------------------------------------------------------
