@@ -272,7 +272,8 @@ def measure(server: Server, prompts: list[list[int]], concurrency: int) -> dict[
 
 def goodput_round(state: dict[str, dict], names: tuple[str, ...], prompts: list[list[int]], clock: Clock,
                   round_no: int, skipped: list[str]) -> None:
-    """One round: each server of ``names`` in turn (warmed up once), every concurrency that fits the budget."""
+    """One round: each server of ``names`` in turn (warmed up once, and at each concurrency before its first
+    point: first points ran up to 1.5x below the second round's), every concurrency that fits the budget."""
     for name in names:
         if name not in state or not ready(state, name):
             continue
@@ -287,6 +288,8 @@ def goodput_round(state: dict[str, dict], names: tuple[str, ...], prompts: list[
                 if clock.left() - STOP_S < estimate:
                     skipped.append(f"{name} c{c} round {round_no}: {clock.left():.0f} s left < {estimate:.0f} s")
                     continue
+                if not runs:
+                    server.generate_many(prompts[:c], [greedy(32)] * c, c)
                 point = measure(server, prompts, c)
                 point["round"] = round_no
                 runs.append(point)
