@@ -272,7 +272,7 @@ def target_token_at(
     sampling: TargetSampling | None,
     u: torch.Tensor,
 ) -> torch.Tensor:
-    """The target's own token after ``accepted`` drafts (simulated acceptance): argmax of
+    """The target's own token after ``accepted`` drafts (plain steps, simulated acceptance): argmax of
     ``logits_a`` for greedy rows, a sample of ``p_a`` otherwise. logits ``[bs, W, V]`` (``W``: the step's verify
     width, ``accepted < W``) -> ``[bs]``."""
     if target_logits.shape[1] == 1:  # a plain step (nothing drafted, accepted = 0): a view, no copy of the logits

@@ -94,7 +94,7 @@ class WidthPlanner:
 
     def _gpu_ms(self, bs: int) -> list[float]:
         """The profile's ms of a step of ``bs`` requests per width (index 1..gamma + 1), computed once per batch
-        size (the step runs on the host each decode step)."""
+        size: the width is chosen on the host every decode step."""
         costs = self._costs.get(bs)
         if costs is None:
             costs = [0.0] + [(self.cost.draft_ms(bs) if w > 1 else 0.0) + self.cost.verify_ms(bs * w)
