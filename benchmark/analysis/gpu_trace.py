@@ -1,11 +1,14 @@
 """Summary of a GPU kernel trace (SGLang's ``/start_profile`` with ``activities: ["GPU"]``, a Chrome trace).
 
     python benchmark/analysis/gpu_trace.py TRACE.trace.json.gz [--steps N] [--top 20]
+    python benchmark/analysis/gpu_trace.py TRACE.trace.json.gz --against BASE.trace.json.gz --steps N
 
 Reads the device events (kernels, memcpys, memsets) and reports, over the window from the first to the last
 of them: the window length, the time at least one of them ran (``busy``) and its share, the idle time in gaps
 longer than 20 us, and the kernels by total time (count, total ms, mean us). ``--steps`` (the profiled forward
 steps) adds per-step times. It tells where a server's GPU time goes and whether the GPU waits for the host.
+``--against`` lists instead the kernels whose time per step differs most from a second trace of as many steps
+(e.g. a DSPARK server against the no-speculation one at the same load).
 """
 
 from __future__ import annotations
@@ -81,6 +84,20 @@ def summarize(events: list[tuple[float, float, str]], steps: Optional[int] = Non
     return out
 
 
+def per_step_difference(events: list[tuple[float, float, str]], base: list[tuple[float, float, str]], steps: int,
+                        top: int = 20) -> list[dict[str, Any]]:
+    """Kernels by the difference of their time per step, ``events`` minus ``base`` (both of ``steps`` steps)."""
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0, 0])
+    for column, trace in ((0, events), (1, base)):
+        for _, dur, name in trace:
+            row = totals[short_name(name)]
+            row[column] += dur
+            row[column + 2] += 1
+    ranked = sorted(totals.items(), key=lambda item: -abs(item[1][0] - item[1][1]))[:top]
+    return [{"name": name, "us_per_step": round((t - b) / steps, 2), "count_per_step": [round(n / steps, 2),
+             round(m / steps, 2)]} for name, (t, b, n, m) in ranked]
+
+
 def load(path: Path) -> dict[str, Any]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as f:
@@ -92,8 +109,16 @@ def main() -> None:
     parser.add_argument("trace", type=Path)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--against", type=Path, default=None, help="a base trace of as many steps (needs --steps)")
     args = parser.parse_args()
-    print(json.dumps(summarize(device_events(load(args.trace)), args.steps, args.top), indent=1))
+    events = device_events(load(args.trace))
+    if args.against is not None:
+        if not args.steps:
+            parser.error("--against needs --steps")
+        out: Any = per_step_difference(events, device_events(load(args.against)), args.steps, args.top)
+    else:
+        out = summarize(events, args.steps, args.top)
+    print(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

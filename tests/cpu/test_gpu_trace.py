@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmark" / "analysis"))
 
-from gpu_trace import device_events, load, short_name, summarize  # noqa: E402
+from gpu_trace import device_events, load, per_step_difference, short_name, summarize  # noqa: E402
 
 
 def test_summary_counts_overlaps_once_and_only_long_gaps(tmp_path):
@@ -36,3 +36,11 @@ def test_short_name_strips_nested_templates():
 
 def test_empty_trace():
     assert summarize([]) == {"events": 0}
+
+
+def test_per_step_difference_ranks_kernels_by_extra_time():
+    ours = [(0, 10, "gemm"), (10, 4, "fill"), (20, 10, "gemm"), (30, 4, "fill")]
+    base = [(0, 9, "gemm"), (20, 9, "gemm")]
+    rows = per_step_difference(ours, base, steps=2)
+    assert rows[0] == {"name": "fill", "us_per_step": 4.0, "count_per_step": [1.0, 0.0]}
+    assert rows[1] == {"name": "gemm", "us_per_step": 1.0, "count_per_step": [1.0, 1.0]}
