@@ -112,7 +112,7 @@ class WidthPlanner:
         self._time_step()
         width = self._choose(bs)
         now = self.clock()
-        self._last_step = (now, self.step_ms(bs, width) - self.overhead_ms)
+        self._last_step = (now, self._gpu_ms(bs)[width])
         self.widths[width] += 1
         if now - self._logged_at >= self.LOG_EVERY_S:
             logger.info("DSPARK scheduled verification: %s", self.summary())

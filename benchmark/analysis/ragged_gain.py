@@ -32,12 +32,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from benchmark.tiny.data import read_jsonl  # noqa: E402
 from sglang_dspark.cost_profile import CostProfile  # noqa: E402
 
 
 def load_records(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Fully verified records -> (confidences float ``[n, gamma]``, accepted int ``[n]``)."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(path)
     gamma = max(len(r["confidence"]) for r in rows)
     full = [r for r in rows if r["verified"] == gamma]
     return (torch.tensor([r["confidence"] for r in full], dtype=torch.float64),

@@ -65,6 +65,7 @@ from harness import (  # noqa: E402
     HUMANEVAL, OUT, REPO, TINY_DRAFT, TINY_TARGET, Clock, Report, Server, info, mismatches, outputs, pack_logs,
 )
 
+from benchmark.tiny.data import read_jsonl  # noqa: E402
 from benchmark.tiny.weaken import CALIBRATING_SHIFT, DEFAULT_NOISE  # noqa: E402
 
 WORK = Path(os.environ.get("ISSUE6_WORK", "/tmp/issue6"))
@@ -254,8 +255,7 @@ def humaneval_prompts() -> list[list[int]]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(TINY_TARGET)
-    rows = [json.loads(line) for line in HUMANEVAL.read_text().splitlines() if line.strip()]
-    return [tokenizer.encode(row["text"]) for row in rows]
+    return [tokenizer.encode(row["text"]) for row in read_jsonl(HUMANEVAL)]
 
 
 def greedy(max_new_tokens: int) -> dict[str, Any]:
@@ -427,7 +427,7 @@ def calibration_part(report: Report, state: dict[str, dict], prompts: list[list[
         responses = server.generate_many(batch, [greedy(N_OUT)] * n, concurrency)
         loads.append(point_stats([r["meta_info"] for r in responses], time.perf_counter() - start, concurrency, N_OUT))
     lines = wait_stable(log_path)
-    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if lines else []
+    rows = read_jsonl(log_path) if lines else []
     summary = records_summary(rows)
     results["part_d"] = {"log": str(log_path), "loads": loads, "records": summary}
     report.check("part d: SGLANG_DSPARK_CALIBRATION_LOG written (step records)", summary["steps"] > 0,
