@@ -3,33 +3,33 @@
     python benchmark/perf.py --engine ours           (on the GPU machine, through benchmark/perf.sh)
     python benchmark/perf.py --engine sglang-0.5.17
 
-One run measures one engine: its own no-speculation server and its DSPARK at simulated accept lengths
-1, 2 and 3 (``SGLANG_SIMULATE_ACC_LEN``) and at the Qwen3-8B-DSpark card's per-position profile
-(``SGLANG_DSPARK_SIMULATE_ACC_PROFILE``; SGLang 0.5.17 has no profile knob, so it gets the profile's mean
-2.33 as ``SGLANG_SIMULATE_ACC_LEN`` instead), and ``dummy``: no simulation, the dummy-weight drafter's drafts
-verified for real (a drafter that is weak in fact: its accept length is measured, near 1). Servers: ``tests/gpu/qwen3_8b`` target and draft configs,
-``--load-format dummy``, the same flags for every engine and setting; three at a time on the one GPU
-(started together, measured one after the other once all three are up). Load: random 512-id prompts, 512 new tokens, greedy,
-``ignore_eos``, ``2 x concurrency`` requests (3 at concurrency 1) after a warm-up; output tok/s = all
-completion tokens / wall time. ``--breakdown`` (ours) adds a server with ``SGLANG_DSPARK_STEP_TIMING``
-and records its per-phase step times per batch size (``sglang_dspark.timing``; its throughput is not a
-result, every timed step synchronises). Our DSPARK settings verify every draft
-(``--speculative-dspark-verify full``), as SGLang 0.5.17 does; ``--scheduled`` (ours) adds them again with
-confidence-scheduled verification, the product's default (named ``acc1-sched`` etc.), and ``--sync``
-(ours) with ``SGLANG_DSPARK_NO_SEQ_LENS_SYNC=0``, attention planned from the host lengths the scheduler waits
-for (``acc1-sync`` etc.; with ``--scheduled`` also ``acc1-sched-sync`` etc.). Results files from before the
-sync-free plan was the default name the sync-free settings ``-nosync`` instead. Scheduled settings load one
-cost profile, measured first on the idle GPU by the
-profiler command (``python -m sglang_dspark.cost_profile server``), so that no server times its graphs while
-others start next to it.
+One run measures one engine: its own no-speculation server and its DSPARK at simulated accept lengths 1, 2 and
+3 (``SGLANG_SIMULATE_ACC_LEN``) and at the Qwen3-8B-DSpark card's per-position profile
+(``SGLANG_DSPARK_SIMULATE_ACC_PROFILE``; SGLang 0.5.17 has no profile knob, so it gets the profile's mean 2.33
+as ``SGLANG_SIMULATE_ACC_LEN`` instead), and ``dummy``: no simulation, the dummy-weight drafter's drafts
+verified for real (a drafter that is weak in fact: its accept length is measured, near 1). Servers:
+``tests/gpu/qwen3_8b`` target and draft configs, ``--load-format dummy``, the same flags for every engine and
+setting; three at a time on the one GPU (started together, measured one after the other once all three are
+up). Load: random 512-id prompts, 512 new tokens, greedy, ``ignore_eos``, ``2 x concurrency`` requests (3 at
+concurrency 1) after a warm-up; output tok/s = all completion tokens / wall time. ``--breakdown`` (ours) adds
+a server with ``SGLANG_DSPARK_STEP_TIMING`` and records its per-phase step times per batch size
+(``sglang_dspark.timing``; its throughput is not a result, every timed step synchronises). Our DSPARK settings
+verify every draft (``--speculative-dspark-verify full``), as SGLang 0.5.17 does; ``--scheduled`` (ours) adds
+them again with confidence-scheduled verification, the product's default (named ``acc1-sched`` etc.), and
+``--sync`` (ours) with ``SGLANG_DSPARK_NO_SEQ_LENS_SYNC=0``, attention planned from the host lengths the
+scheduler waits for (``acc1-sync`` etc.; with ``--scheduled`` also ``acc1-sched-sync`` etc.). Results files
+from before the sync-free plan was the default name the sync-free settings ``-nosync`` instead. Scheduled
+settings load one cost profile, measured first on the idle GPU by the profiler command (``python -m
+sglang_dspark.cost_profile server``), so that no server times its graphs while others start next to it.
 
 Writes ``$OUT/perf-<engine>.json``: command, commit, date, device, server flags, and per setting and
-concurrency the throughput, the speedup over this run's no-speculation server and the measured accept
-length (completion tokens / verify steps). ``--trace C`` records a GPU kernel trace of ``TRACE_STEPS`` decode steps
+concurrency the throughput, the speedup over this run's no-speculation server and the measured accept length
+(completion tokens / verify steps). ``--trace C`` records a GPU kernel trace of ``TRACE_STEPS`` decode steps
 in the middle of each setting's concurrency-``C`` load (SGLang's ``/start_profile``, GPU activity only) and
 stores its summary (``benchmark/analysis/gpu_trace.py``: busy share, idle gaps, kernels by time) with the
-point; that point's throughput then carries the profiler's cost. Concurrencies run in the order given (``1,32,8,64``), each only
-when the budget (``--budget``, seconds from the start) leaves room for it; a skipped point is recorded.
+point; that point's throughput then carries the profiler's cost. Concurrencies run in the order given
+(``1,32,8,64``), each only when the budget (``--budget``, seconds from the start) leaves room for it; a
+skipped point is recorded.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def measure(server: Server, concurrency: int, seed: int, trace_dir: Path | None 
 
 def trace_steps(server: Server, out_dir: Path, delay_s: float = 2.0) -> dict[str, Any]:
     """After ``delay_s`` (prompts prefilled, decoding), a GPU-only trace of ``TRACE_STEPS`` forward steps through
-    SGLang's ``/start_profile``, summarised by ``gpu_trace.summarize`` (the trace file itself stays in the logs)."""
+    SGLang's ``/start_profile``, summarised by ``gpu_trace.summarize`` (the trace file stays in the logs)."""
     import requests
     from gpu_trace import device_events, load, summarize
 
@@ -180,10 +180,11 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma-separated setting names to run (default: all)")
     parser.add_argument("--breakdown", action="store_true", help="ours: add the step-timing server (per-phase times per batch size)")
     parser.add_argument("--sync", action="store_true",
-                        help="ours: add acc1/acc3/acc2/card/dummy with SGLANG_DSPARK_NO_SEQ_LENS_SYNC=0 (with --scheduled "
-                             "also scheduled)")
+                        help="ours: add acc1/acc3/acc2/card/dummy with SGLANG_DSPARK_NO_SEQ_LENS_SYNC=0 "
+                             "(with --scheduled also scheduled)")
     parser.add_argument("--scheduled", action="store_true",
-                        help="ours: add acc1/acc3/acc2/card/dummy with scheduled verification (the default without FULL flags)")
+                        help="ours: add acc1/acc3/acc2/card/dummy with scheduled verification "
+                             "(the default without FULL flags)")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds from start for the whole run")
     parser.add_argument("--wave", type=int, default=3, help="servers started together")
     parser.add_argument("--trace", type=int, default=0, help="a concurrency whose points get a GPU kernel trace")
@@ -210,7 +211,8 @@ def main() -> int:
                 else measure_cost_profile(LOG_DIR / "cost-profile.json", port)
             )
         except Exception as exc:  # noqa: BLE001 - the scheduled servers then time their own (auto)
-            report.check("cost profile measured first (profiler command)", False, f"{type(exc).__name__}: {exc}"[:4000])
+            report.check("cost profile measured first (profiler command)", False,
+                         f"{type(exc).__name__}: {exc}"[:4000])
         else:
             profile_flag = ["--speculative-dspark-cost-profile", results["cost_profile"]["path"]]
             rows = [(n, e, x + profile_flag if runs_scheduled(n, x) else x) for n, e, x in rows]
@@ -219,8 +221,9 @@ def main() -> int:
         wave = []
         for name, env, extra in rows[start:start + args.wave]:
             spec = [] if name == "baseline" else SPEC_ARGS + extra
-            wave.append((name, env, extra, Server(f"perf-{args.engine}-{name}", QWEN3_8B / "target", spec, port, env=env,
-                                           log_dir=LOG_DIR, common_args=SERVER_ARGS)))
+            server = Server(f"perf-{args.engine}-{name}", QWEN3_8B / "target", spec, port, env=env, log_dir=LOG_DIR,
+                            common_args=SERVER_ARGS)
+            wave.append((name, env, extra, server))
             port += 10
         for *_, server in wave:
             server.start()
