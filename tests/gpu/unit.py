@@ -9,7 +9,8 @@
   for greedy, mixed and simulated acceptance and for the graph (sampler buffer) path. Runs on CPU too.
 * CUDA only: the draft sampler (``accept.sample_draft_block``) and the acceptance
   (``accept.accept_drafts`` + ``commit_layout``) raise nothing under ``torch.cuda.set_sync_debug_mode
-  ("error")`` and give the same results replayed from a captured CUDA graph as run eagerly.
+  ("error")`` and give the same results replayed from a captured CUDA graph as run eagerly; FlashInfer's
+  verify attention planned from upper bounds of the KV lengths (patch 0010) against a reference attention.
 """
 
 from __future__ import annotations
@@ -439,6 +440,80 @@ def check_graph_safety(report: Report, kind: str) -> None:
     report.check(f"graph ({kind}): acceptance + commit layout replayed == eager on new inputs", same)
 
 
+def check_sync_free_verify_plan(report: Report) -> None:
+    """Patch 0010's sync-free verify plan on FlashInfer (fa2, CUDA-graph buffers, Qwen3-8B's heads): the
+    plan (``fast_prefill_plan``) knows only upper bounds of the KV lengths, as DSPARK's worker plans them;
+    the true lengths reach the kernel on the device. Compared row by row with a float32 reference attention
+    (row j of a request attends to its first ``L - W + j + 1`` slots): exact for one query row per request
+    with the KV split (plain steps) and for W rows without it (the shipped default); W rows with the split
+    must come out wrong in some trial (the check can tell a misplaced layout from a right one)."""
+    from flashinfer import BatchPrefillWithPagedKVCacheWrapper
+    from sglang.srt.layers.attention.flashinfer_backend import fast_prefill_plan
+
+    device, heads, kv_heads, head_dim, bs, trials = "cuda", 32, 8, 128, 16, 24
+    gen = torch.Generator(device=device).manual_seed(11)
+    pool = bs * 4200
+    k_cache = torch.randn(pool, kv_heads, head_dim, device=device, generator=gen).to(torch.bfloat16)
+    v_cache = torch.randn(pool, kv_heads, head_dim, device=device, generator=gen).to(torch.bfloat16)
+    workspace = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    scale = head_dim ** -0.5
+
+    def reference(q, lens, kv_indptr, kv_indices, width):
+        out = torch.empty(q.shape, dtype=torch.float32, device=device)
+        for i, n in enumerate(lens.tolist()):
+            slots = kv_indices[kv_indptr[i]:kv_indptr[i + 1]]
+            k = k_cache[slots].float().repeat_interleave(heads // kv_heads, dim=1)
+            v = v_cache[slots].float().repeat_interleave(heads // kv_heads, dim=1)
+            rows = q[i * width:(i + 1) * width].float()
+            logits = torch.einsum("whd,nhd->hwn", rows, k) * scale
+            allowed = torch.arange(n, device=device)[None, :] <= (n - width + torch.arange(width, device=device))[:, None]
+            probs = logits.masked_fill(~allowed[None], float("-inf")).softmax(-1)
+            out[i * width:(i + 1) * width] = torch.einsum("hwn,nhd->whd", probs, v)
+        return out
+
+    def worst_error(width: int, split: bool) -> list[float]:
+        """Largest relative row error per trial, W = ``width`` rows per request."""
+        buffers = [torch.zeros(bs + 1, dtype=torch.int32, device=device), torch.zeros(bs + 1, dtype=torch.int32, device=device),
+                   torch.zeros(pool, dtype=torch.int32, device=device), torch.ones(bs, dtype=torch.int32, device=device)]
+        wrapper = BatchPrefillWithPagedKVCacheWrapper(
+            workspace, "NHD", use_cuda_graph=True, backend="fa2", qo_indptr_buf=buffers[0],
+            paged_kv_indptr_buf=buffers[1], paged_kv_indices_buf=buffers[2], paged_kv_last_page_len_buf=buffers[3])
+        qo_indptr = torch.arange(0, (bs + 1) * width, width, dtype=torch.int32)
+        errors = []
+        for trial in range(trials):
+            lens = torch.randint(width + 1, 4000, (bs,))
+            bounds = lens + torch.randint(0, 17, (bs,))  # the worker's bound: committed length + two blocks
+            kv_indptr = torch.zeros(bs + 1, dtype=torch.int32)
+            kv_indptr[1:] = lens.cumsum(0)
+            bound_indptr = torch.zeros(bs + 1, dtype=torch.int32)
+            bound_indptr[1:] = bounds.cumsum(0)
+            kv_indices = torch.randperm(pool, device=device)[: int(kv_indptr[-1])].to(torch.int32)
+            args = (qo_indptr.to(device), kv_indptr.to(device), kv_indices, buffers[3], heads, kv_heads, head_dim, 1)
+            kwargs = dict(q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16, disable_split_kv=not split)
+            if trial == 0:  # the real plan once, as at capture (from the bounds: the host knows nothing else)
+                wrapper.plan(qo_indptr.to(device), bound_indptr.to(device), kv_indices, buffers[3], heads, kv_heads,
+                             head_dim, 1, **kwargs)
+            fast_prefill_plan(wrapper, *args, **kwargs, qo_indptr_host=qo_indptr, kv_indptr_host=bound_indptr,
+                              kv_lens_host=bounds.to(torch.int32), max_q_len=width, max_kv_len=int(bounds.max()))
+            q = torch.randn(bs * width, heads, head_dim, device=device, generator=gen).to(torch.bfloat16)
+            out = wrapper.forward(q, (k_cache, v_cache), causal=True, sm_scale=scale).float()
+            ref = reference(q, lens, kv_indptr, kv_indices, width)
+            rel = (out - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)
+            errors.append(round(float(rel.max()), 4))
+        return errors
+
+    tolerance = 0.02
+    for width, split in ((1, True), (8, False), (1, False)):
+        errors = worst_error(width, split)
+        report.check(f"sync-free verify plan: {width} row(s) per request, KV split {'on' if split else 'off'}, "
+                     f"planned from upper bounds == reference (relative error < {tolerance})",
+                     max(errors) < tolerance, {"worst_per_trial": errors})
+    errors = worst_error(8, True)
+    report.check("sync-free verify plan: 8 rows per request with the KV split planned from upper bounds is wrong in "
+                 "some trial (why the default plans several rows without a split)",
+                 max(errors) >= tolerance, {"worst_per_trial": errors})
+
+
 def _accept(drafts, logits, q, greedy, u, prefix, sampling):
     gamma = drafts.shape[1]
     accepted, bonus = accept.accept_drafts(drafts, logits, q, greedy, sampling, u[:, :gamma], u[:, gamma])
@@ -455,6 +530,7 @@ def main() -> int:
     if torch.cuda.is_available():
         for kind in ("vanilla", "rnn"):
             report.run(f"graph safety {kind}", lambda: check_graph_safety(report, kind))
+        report.run("sync-free verify plan", lambda: check_sync_free_verify_plan(report))
     report.write()
     return 0 if report.ok else 1
 
