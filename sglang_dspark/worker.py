@@ -258,6 +258,7 @@ class DSparkWorker(DFlashWorkerV2):
             custom_mask=None,
             capture_hidden_mode=CaptureHiddenMode.NULL,
         )
+        self._all_greedy: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per bs: (greedy mask, 1/T), read only
         self._simulation = SimulatedAcceptance.from_env(os.environ, self.gamma, self.device)
         self._timer = StepTimer.from_env(os.environ)
         self._cpu_profile = CpuProfile.from_env(os.environ)
@@ -602,11 +603,13 @@ class DSparkWorker(DFlashWorkerV2):
         """(greedy mask bool ``[bs]``, ``1/T`` ``[bs]``, target sampling params or None for all-greedy)."""
         info = batch.sampling_info
         if info is None or info.is_all_greedy:
-            return (
-                torch.ones((bs,), dtype=torch.bool, device=self.device),
-                torch.ones((bs,), dtype=torch.float32, device=self.device),
-                None,
-            )
+            constants = self._all_greedy.get(bs)
+            if constants is None:
+                constants = self._all_greedy[bs] = (
+                    torch.ones((bs,), dtype=torch.bool, device=self.device),
+                    torch.ones((bs,), dtype=torch.float32, device=self.device),
+                )
+            return (*constants, None)
         # Host-side facts from the requests (no sync); greedy rows never read their target probabilities.
         sampled = [r.sampling_params for r in batch.reqs if r.sampling_params.top_k > 1]
         vocab = self._lm_head_weight.shape[0]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 GPU_TESTS = Path(__file__).resolve().parents[1] / "gpu"
-KNOBS = ("ISSUE6_WEAK_CONF_SHIFT", "ISSUE6_WEAK_NOISE", "ISSUE6_ROUNDS", "ISSUE6_SKIP_IDENTITY", "ISSUE6_BUDGET_S")
+KNOBS = ("ISSUE6_WEAK_CONF_SHIFT", "ISSUE6_WEAK_NOISE", "ISSUE6_ROUNDS", "ISSUE6_ROUNDS_A", "ISSUE6_SKIP_IDENTITY", "ISSUE6_BUDGET_S")
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def point(issue6, c: int, tok_s: float, accept: float | None = None) -> dict:
 
 def test_knobs(load_issue6):
     mod = load_issue6()
-    assert mod.WEAK_CONF_SHIFT == -3.0 and mod.WEAK_NOISE == 2.0 and mod.ROUNDS == 2 and not mod.SKIP_IDENTITY
+    assert mod.WEAK_CONF_SHIFT == -3.0 and mod.WEAK_NOISE == 2.0 and mod.ROUNDS == 2 and mod.ROUNDS_A == 4 and not mod.SKIP_IDENTITY
     mod = load_issue6(ISSUE6_WEAK_CONF_SHIFT="none", ISSUE6_WEAK_NOISE="4", ISSUE6_SKIP_IDENTITY="1")
     assert mod.WEAK_CONF_SHIFT is None and mod.WEAK_NOISE == 4.0 and mod.SKIP_IDENTITY
     assert mod.CONCURRENCIES == (1, 8, 32, 64)

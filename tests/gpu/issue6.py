@@ -36,10 +36,11 @@ d. calibration: ``calib`` serves 32 prompts at concurrency 8 and 64 at 64 (256 t
    ``$OUT/issue6-calibration-reliability.png`` (when matplotlib is there; the device image has none) and the raw
    step records to ``$OUT/issue6-calibration-records.jsonl`` (render the plot elsewhere with the same command).
 
-Order: wave 1 (nospec, full, scheduled, calib) starts together; a round 1, d, a round 2; full, scheduled and calib
-stop; wave 2 (the weak servers, and the identity pair unless skipped) starts together; b round 1, c, b round 2.
-A goodput point is the best of the rounds that ran (``ISSUE6_ROUNDS``, default 2); a second round runs for a
-whole part or not at all, so every setting of a part has the same number of samples. Each point, round and part
+Order: wave 1 (nospec, full, scheduled, calib) starts together; a round 1, d, a rounds 2..; full, scheduled and
+calib stop; wave 2 (the weak servers, and the identity pair unless skipped) starts together; b round 1, c, b rounds
+2... A goodput point is the best of the rounds that ran (part a: ``ISSUE6_ROUNDS_A``, default 4; part b:
+``ISSUE6_ROUNDS``, default 2); a further round runs for a whole part or not at all, so every setting of a part
+has the same number of samples. Each point, round and part
 starts only when its estimated time fits in what is left of ``ISSUE6_BUDGET_S`` (default 500 s, counted from
 ``ISSUE6_T0``, which run.sh sets). Server logs in ``$ISSUE6_LOG_DIR`` (/tmp/issue6-logs), packed into
 ``$OUT/issue6-logs.tar.gz``; the weak drafters and the calibration work in ``$ISSUE6_WORK`` (/tmp/issue6).
@@ -73,6 +74,7 @@ LOG_DIR = Path(os.environ.get("ISSUE6_LOG_DIR", "/tmp/issue6-logs"))
 
 BUDGET_S = float(os.environ.get("ISSUE6_BUDGET_S", "500"))
 ROUNDS = int(os.environ.get("ISSUE6_ROUNDS", "2"))
+ROUNDS_A = int(os.environ.get("ISSUE6_ROUNDS_A", "4"))  # part a's points take ~1 s each: more rounds are cheap there
 SKIP_IDENTITY = os.environ.get("ISSUE6_SKIP_IDENTITY") == "1"
 WEAK_NOISE = float(os.environ.get("ISSUE6_WEAK_NOISE") or DEFAULT_NOISE)
 _SHIFT = (os.environ.get("ISSUE6_WEAK_CONF_SHIFT") or str(CALIBRATING_SHIFT)).strip()
@@ -489,9 +491,9 @@ class Run:
         self.state.update({name: {"server": s, "points": {}} for name, s in servers.items()})
         start_wave(servers, self.clock)
 
-    def rounds(self, part: str, names: tuple[str, ...], reserve_s: float = 0.0) -> None:
-        """Rounds 2..ROUNDS of goodput for ``names``, each only when it fits with ``reserve_s`` kept free."""
-        for round_no in range(2, ROUNDS + 1):
+    def rounds(self, part: str, names: tuple[str, ...], rounds: int, reserve_s: float = 0.0) -> None:
+        """Rounds 2..``rounds`` of goodput for ``names``, each only when it fits with ``reserve_s`` kept free."""
+        for round_no in range(2, rounds + 1):
             need = rounds_need(self.state, names)
             left = self.clock.left() - STOP_S - reserve_s
             if left < need:
@@ -528,7 +530,7 @@ def wave1(run: Run, calib_log: Path) -> None:
     n_weak = 2 + (WEAK_CONF_SHIFT is not None)
     reserve = (START_S + round_estimate(run.state["nospec"]["points"], CONCURRENCIES)
                + n_weak * round_estimate({}, CONCURRENCIES) + (0 if SKIP_IDENTITY else IDENTITY_NEEDS_S))
-    run.rounds("a", PART_A, reserve)
+    run.rounds("a", PART_A, ROUNDS_A, reserve)
     report.data["results"]["part_seconds"]["a+d"] = round(time.time() - t, 1)
     report.run("part a checks", lambda: part_a_checks(report, run.state))
     run.record_servers()
@@ -569,7 +571,7 @@ def wave2(run: Run, weak_dirs: dict[str, Path], weak_records: dict[str, Any]) ->
         report.data["results"]["part_seconds"]["c"] = round(time.time() - t_c, 1)
     elif identity:
         report.check("part c: ran", False, f"skipped: {clock.left():.0f} s left after part b round 1")
-    run.rounds("b", PART_B)
+    run.rounds("b", PART_B, ROUNDS)
     report.data["results"]["part_seconds"]["b+c"] = round(time.time() - t, 1)
     report.run("part b checks", lambda: part_b_checks(report, run.state, weak_records))
     run.record_servers()
@@ -581,7 +583,7 @@ def main() -> int:
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     report = Report("issue6")
     report.data["results"].update(
-        config={"budget_s": BUDGET_S, "rounds": ROUNDS, "concurrencies": CONCURRENCIES,
+        config={"budget_s": BUDGET_S, "rounds": ROUNDS, "rounds_a": ROUNDS_A, "concurrencies": CONCURRENCIES,
                 "requests": {c: requests_for(c) for c in CONCURRENCIES}, "max_new_tokens": N_OUT,
                 "tolerance": TOLERANCE, "weak_min_ratio": WEAK_MIN_RATIO, "weak_max_accept": WEAK_MAX_ACCEPT,
                 "weak_noise": WEAK_NOISE, "weak_conf_shift": WEAK_CONF_SHIFT, "skip_identity": SKIP_IDENTITY,

@@ -203,7 +203,7 @@ def check_worker_step(report: Report) -> None:
     worker.__dict__.update(
         gamma=gamma, verify_width=gamma + 1, device=torch.device("cpu"), _mask_token_id=vocab - 1,
         _lm_head_weight=torch.randn(vocab, d), _draft_spec_info=None, _simulation=None, _sampler=None,
-        _timer=timing.NoTimer(),
+        _all_greedy={}, _timer=timing.NoTimer(),
         draft_model=types.SimpleNamespace(draft_block=draft_block),
         model_runner=types.SimpleNamespace(req_to_token_pool=types.SimpleNamespace(req_to_token=req_to_token)),
         draft_model_runner=types.SimpleNamespace(forward=draft_forward, spec_algorithm=None),
@@ -466,15 +466,16 @@ def check_sync_free_verify_plan(report: Report) -> None:
             v = v_cache[slots].float().repeat_interleave(heads // kv_heads, dim=1)
             rows = q[i * width:(i + 1) * width].float()
             logits = torch.einsum("whd,nhd->hwn", rows, k) * scale
-            allowed = torch.arange(n, device=device)[None, :] <= (n - width + torch.arange(width, device=device))[:, None]
+            last = n - width + torch.arange(width, device=device)  # the last slot each row attends to
+            allowed = torch.arange(n, device=device)[None, :] <= last[:, None]
             probs = logits.masked_fill(~allowed[None], float("-inf")).softmax(-1)
             out[i * width:(i + 1) * width] = torch.einsum("hwn,nhd->whd", probs, v)
         return out
 
     def worst_error(width: int, split: bool) -> list[float]:
         """Largest relative row error per trial, W = ``width`` rows per request."""
-        buffers = [torch.zeros(bs + 1, dtype=torch.int32, device=device), torch.zeros(bs + 1, dtype=torch.int32, device=device),
-                   torch.zeros(pool, dtype=torch.int32, device=device), torch.ones(bs, dtype=torch.int32, device=device)]
+        buffers = [torch.zeros(n, dtype=torch.int32, device=device) for n in (bs + 1, bs + 1, pool)]
+        buffers.append(torch.ones(bs, dtype=torch.int32, device=device))  # last page lengths (page size 1)
         wrapper = BatchPrefillWithPagedKVCacheWrapper(
             workspace, "NHD", use_cuda_graph=True, backend="fa2", qo_indptr_buf=buffers[0],
             paged_kv_indptr_buf=buffers[1], paged_kv_indices_buf=buffers[2], paged_kv_last_page_len_buf=buffers[3])
