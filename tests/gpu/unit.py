@@ -444,9 +444,11 @@ def check_sync_free_verify_plan(report: Report) -> None:
     """Patch 0010's sync-free verify plan on FlashInfer (fa2, CUDA-graph buffers, Qwen3-8B's heads): the
     plan (``fast_prefill_plan``) knows only upper bounds of the KV lengths, as DSPARK's worker plans them;
     the true lengths reach the kernel on the device. Compared row by row with a float32 reference attention
-    (row j of a request attends to its first ``L - W + j + 1`` slots): exact for one query row per request
-    with the KV split (plain steps) and for W rows without it (the shipped default); W rows with the split
-    must come out wrong in some trial (the check can tell a misplaced layout from a right one)."""
+    (row j of a request attends to its first ``L - W + j + 1`` slots): exact without a KV split (what the
+    patch plans) for 1 and 8 rows per request; with the split, exact for one row per request but wrong in
+    some trial for 8 rows (the check can tell a misplaced layout from a right one). The product keeps one-row
+    verifies unsplit too: a split's chunk size depends on the whole batch, so a request's logits would too
+    (README, "KV split of the sync-free plan")."""
     from flashinfer import BatchPrefillWithPagedKVCacheWrapper
     from sglang.srt.layers.attention.flashinfer_backend import fast_prefill_plan
 

@@ -56,21 +56,18 @@ def test_fast_prefill_plan_passes_disable_split_kv(dspark_plugin):
         assert len(calls) == 1 and calls[0][-2] is disable and calls[0][-3] == -1  # no fixed split size given
 
 
-@pytest.mark.parametrize("width", [1, 3])
 @pytest.mark.parametrize("needs_cpu", [True, False])
-def test_verify_plan_splits_kv_only_with_host_lengths(dspark_plugin, needs_cpu, width):
-    """Patch 0010: a backend that opted out of the host seq_lens mirror plans DSPARK's verify of several rows per
-    request without a KV split at capture (FlashInfer's real ``plan``) as well as at replay
-    (``fast_prefill_plan``). In CUDA-graph mode FlashInfer always splits unless told not to, and a graph captured
-    with a split keeps launching the split kernel and its merge, which a replay planned without one leaves
-    reading the stale split layout. A one-row verify (a plain step) keeps the split: its partials are laid out
-    alike whether chunks are counted from the device length or from the bound."""
+def test_verify_plan_splits_kv_only_with_host_lengths(dspark_plugin, needs_cpu):
+    """Patch 0010: a backend that opted out of the host seq_lens mirror plans DSPARK's verify without a KV split
+    at capture (FlashInfer's real ``plan``) as well as at replay (``fast_prefill_plan``). In CUDA-graph mode
+    FlashInfer always splits unless told not to, and a graph captured with a split keeps launching the split
+    kernel and its merge, which a replay planned without one leaves reading the stale split layout."""
     from functools import partial
 
     from sglang.srt.layers.attention.flashinfer_backend import FlashInferIndicesUpdaterPrefill, fast_prefill_plan
     from sglang.srt.speculative.dflash_info import DFlashVerifyInput
 
-    bs = 2
+    bs, width = 2, 3
     lens = torch.tensor([10, 15], dtype=torch.int32)
     kv_indptr = torch.tensor([0, 10, 25], dtype=torch.int32)
     qo_indptr = torch.arange(0, (bs + 1) * width, width, dtype=torch.int32)
@@ -101,12 +98,11 @@ def test_verify_plan_splits_kv_only_with_host_lengths(dspark_plugin, needs_cpu, 
             None, None, None, use_ragged=False, spec_info=spec_info, seq_lens_cpu=lens + width,
         )
 
-    no_split = not needs_cpu and width > 1
     plan()
-    assert capture_kwargs["disable_split_kv"] is no_split
+    assert capture_kwargs["disable_split_kv"] is (not needs_cpu)
     wrapper.begin_forward = partial(fast_prefill_plan, wrapper)  # installed after capture
     plan()
-    assert len(replay_args) == 1 and replay_args[0][-2] is no_split
+    assert len(replay_args) == 1 and replay_args[0][-2] is (not needs_cpu)
 
 
 def test_sync_free_plan_by_default(dspark_plugin, monkeypatch):

@@ -73,9 +73,8 @@ def test_without_captured_graphs_widths_run_eagerly_on_their_backends(dspark_plu
 
 @pytest.mark.parametrize("needs_cpu", [True, False])
 def test_widths_plan_like_the_default_backend(dspark_plugin, needs_cpu):
-    """With the sync-free plan the default backend plans from upper bounds (no host lengths, so no KV split
-    for a verify of several rows); every width's backend must do the same, or a narrower verify would split
-    the KV by bounds."""
+    """With the sync-free plan the default backend plans from upper bounds (no host lengths, so
+    no KV split); every width's backend must do the same, or a narrower verify would split the KV by bounds."""
     from sglang_dspark.verify_width import VerifyGraphs
 
     eager = types.SimpleNamespace(can_run_graph=lambda forward_batch: False)
