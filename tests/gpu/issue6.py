@@ -23,11 +23,12 @@ Parts (one results file ``$OUT/issue6.json``, rewritten after each part):
 a. goodput: HumanEval prompts (``harness.HUMANEVAL``, fixture tokenizer), greedy, ``ignore_eos``, 256 new tokens,
    concurrency 1, 8, 32, 64 (6, 32, 128, 256 requests; goodput = completion tokens / wall time), nospec, full and
    scheduled measured one server at a time. Checks: scheduled >= full x 0.97 and >= nospec x 0.97 at every
-   concurrency (raw ratios recorded); the gain of scheduled over full at 64 is stated. Accept lengths
+   concurrency, each ratio the median over rounds of two points measured back to back in one round (best-of-rounds
+   ratios recorded too); the gain of scheduled over full at 64 is stated. Accept lengths
    (completion tokens / verify steps per point, ``/server_info`` ``avg_spec_accept_length`` per server).
 b. weak drafter, same load: nospec, weak-full, weak-sched (and weak-recal). Checks: the weak drafter commits
-   <= 1.3 tokens per verify step (the premise), weak-sched >= nospec x 0.90 at 32 and 64; full's ratios and
-   weak-recal's are recorded.
+   <= 1.3 tokens per verify step (the premise), weak-sched >= nospec x 0.90 at 32 and 64 (median paired ratios as
+   in a); full's ratios and weak-recal's are recorded.
 c. greedy identity with scheduling on: det-nospec vs det-scheduled, 32 prompts x 128 tokens at concurrency 8,
    token for token. Skipped with ``ISSUE6_SKIP_IDENTITY=1`` (recorded, not a failure) or when the budget is short
    (a failed check saying so).
@@ -38,12 +39,14 @@ d. calibration: ``calib`` serves 32 prompts at concurrency 8 and 64 at 64 (256 t
 
 Order: wave 1 (nospec, full, scheduled, calib) starts together; a round 1, d, a rounds 2..; full, scheduled and
 calib stop; wave 2 (the weak servers, and the identity pair unless skipped) starts together; b round 1, c, b rounds
-2... A goodput point is the best of the rounds that ran (part a: ``ISSUE6_ROUNDS_A``, default 4; part b:
-``ISSUE6_ROUNDS``, default 2); a further round runs for a whole part or not at all, so every setting of a part
-has the same number of samples. Each point, round and part
-starts only when its estimated time fits in what is left of ``ISSUE6_BUDGET_S`` (default 500 s, counted from
-``ISSUE6_T0``, which run.sh sets). Server logs in ``$ISSUE6_LOG_DIR`` (/tmp/issue6-logs), packed into
-``$OUT/issue6-logs.tar.gz``; the weak drafters and the calibration work in ``$ISSUE6_WORK`` (/tmp/issue6).
+2... A round measures, at each concurrency in turn, every server of the part back to back (the tiny pair's
+goodput drifts by up to 1.5x over a run; points compared within a round are seconds apart). Rounds: part a
+``ISSUE6_ROUNDS_A`` (default 4), part b ``ISSUE6_ROUNDS`` (default 2); a further round runs for a whole part or not
+at all, so every setting of a part has the same number of samples. Tables show the best point of the rounds.
+Each point, round and part starts only when its estimated time fits in what is left of ``ISSUE6_BUDGET_S``
+(default 500 s, counted from ``ISSUE6_T0``, which run.sh sets). Server logs in ``$ISSUE6_LOG_DIR``
+(/tmp/issue6-logs), packed into ``$OUT/issue6-logs.tar.gz``; the weak drafters and the calibration work in
+``$ISSUE6_WORK`` (/tmp/issue6).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -154,6 +158,21 @@ def ratio_rows(table: dict[str, dict[int, float]], num: str, den: str, concurren
         a, b = table.get(num, {}).get(c), table.get(den, {}).get(c)
         ratio = round(a / b, 4) if a is not None and b else None
         rows.append({"concurrency": c, num: a, den: b, "ratio": ratio, "ok": ratio is not None and ratio >= min_ratio})
+    return rows
+
+
+def paired_rows(points: dict[str, dict[int, list[dict]]], num: str, den: str, concurrencies: tuple[int, ...],
+                min_ratio: float) -> list[dict[str, Any]]:
+    """Per concurrency: ``num`` / ``den`` goodput of the points measured in the same round (back to back), each
+    round's ratio and their median; ok when the median is >= ``min_ratio`` (no pair: ratio None, not ok)."""
+    rows = []
+    for c in concurrencies:
+        a, b = ({r["round"]: r["output_tok_s"] for r in points.get(name, {}).get(c, []) if r.get("output_tok_s")}
+                for name in (num, den))
+        ratios = [round(a[k] / b[k], 4) for k in sorted(a) if k in b]
+        ratio = round(statistics.median(ratios), 4) if ratios else None
+        ok = ratio is not None and ratio >= min_ratio
+        rows.append({"concurrency": c, "ratios": ratios, "ratio": ratio, "ok": ok})
     return rows
 
 
@@ -274,17 +293,20 @@ def measure(server: Server, prompts: list[list[int]], concurrency: int) -> dict[
 
 def goodput_round(state: dict[str, dict], names: tuple[str, ...], prompts: list[list[int]], clock: Clock,
                   round_no: int, skipped: list[str]) -> None:
-    """One round: each server of ``names`` in turn (warmed up once, and at each concurrency before its first
-    point: first points ran up to 1.5x below the second round's), every concurrency that fits the budget."""
-    for name in names:
-        if name not in state or not ready(state, name):
-            continue
-        s, server = state[name], state[name]["server"]
-        try:
-            if not s.get("warm"):
-                server.generate_many(prompts[:64], [greedy(16)] * 64, 64)
-                s["warm"] = True
-            for c in CONCURRENCIES:
+    """One round: at each concurrency, each server of ``names`` in turn (a server is warmed up once, and at each
+    concurrency before its first point: first points ran up to 1.5x below the second round's), every point that
+    fits the budget. A server that fails is left out for the rest of the round."""
+    names = tuple(n for n in names if n in state and ready(state, n))
+    failed: set[str] = set()
+    for c in CONCURRENCIES:
+        for name in names:
+            if name in failed:
+                continue
+            s, server = state[name], state[name]["server"]
+            try:
+                if not s.get("warm"):
+                    server.generate_many(prompts[:64], [greedy(16)] * 64, 64)
+                    s["warm"] = True
                 runs = s["points"].setdefault(c, [])
                 estimate = point_estimate(runs, c)
                 if clock.left() - STOP_S < estimate:
@@ -296,11 +318,14 @@ def goodput_round(state: dict[str, dict], names: tuple[str, ...], prompts: list[
                 point["round"] = round_no
                 runs.append(point)
                 log(f"{name} c{c} round {round_no}: {point['output_tok_s']} tok/s, accept {point['accept_length']}")
-            if name != "nospec":
-                s["avg_spec_accept_length"] = server.avg_spec_accept_length()
-        except Exception:  # noqa: BLE001 - recorded; this server's missing points fail the checks that need them
-            s["error"] = traceback.format_exc(limit=6) + f"\n---- {server.log_path.name} ----\n{server.log_tail(30)}"
-            log(f"{name} failed in round {round_no}")
+            except Exception:  # noqa: BLE001 - recorded; this server's missing points fail the checks that need them
+                tail = f"\n---- {server.log_path.name} ----\n{server.log_tail(30)}"
+                s["error"] = traceback.format_exc(limit=6) + tail
+                log(f"{name} failed in round {round_no}")
+                failed.add(name)
+    for name in names:
+        if name != "nospec" and name not in failed:
+            state[name]["avg_spec_accept_length"] = state[name]["server"].avg_spec_accept_length()
 
 
 def rounds_need(state: dict[str, dict], names: tuple[str, ...]) -> float:
@@ -345,15 +370,18 @@ def part_a_checks(report: Report, state: dict[str, dict]) -> None:
         report.check(f"part a {name}: up, every point measured, every request {N_OUT} tokens",
                      all(state[name]["points"].get(c) for c in CONCURRENCIES) and all(r["complete"] for r in runs),
                      state[name].get("error") or {c: len(state[name]["points"].get(c, [])) for c in CONCURRENCIES})
+    points = results["part_a"]["points"]
     for den in ("full", "nospec"):
-        rows = ratio_rows(table, "scheduled", den, CONCURRENCIES, 1.0 - TOLERANCE)
+        rows = paired_rows(points, "scheduled", den, CONCURRENCIES, 1.0 - TOLERANCE)
         results["part_a"][f"scheduled_over_{den}"] = rows
+        results["part_a"][f"scheduled_over_{den}_best_of_rounds"] = ratio_rows(table, "scheduled", den,
+                                                                                CONCURRENCIES, 1.0 - TOLERANCE)
         report.check(f"part a: scheduled goodput >= {den} x {1 - TOLERANCE:.2f} at concurrency "
-                     f"{', '.join(map(str, CONCURRENCIES))}", all(r["ok"] for r in rows),
+                     f"{', '.join(map(str, CONCURRENCIES))} (median over rounds)", all(r["ok"] for r in rows),
                      {f"c{r['concurrency']}": r["ratio"] for r in rows})
-    gain = ratio_rows(table, "scheduled", "full", (64,), 0.0)[0]["ratio"]
+    gain = paired_rows(points, "scheduled", "full", (64,), 0.0)[0]["ratio"]
     results["part_a"]["gain_scheduled_over_full_c64"] = None if gain is None else round(gain - 1.0, 4)
-    info("part a: gain of scheduled over full verification at concurrency 64",
+    info("part a: gain of scheduled over full verification at concurrency 64 (median over rounds)",
          "not measured" if gain is None else f"{100 * (gain - 1):+.1f}% ({gain:.3f}x)")
     info("part a accept lengths (tokens per verify step, pooled)", results["part_a"]["accept_length"])
 
@@ -379,15 +407,18 @@ def part_b_checks(report: Report, state: dict[str, dict], records: dict[str, Any
     report.check(f"part b premise: the weak drafter (noise {WEAK_NOISE}) commits <= {WEAK_MAX_ACCEPT} tokens per "
                  "verify step (weak-full, pooled)", accept is not None and accept <= WEAK_MAX_ACCEPT,
                  {"weak-full": accept, "weak-sched": results["part_b"]["accept_length"].get("weak-sched")})
-    rows = ratio_rows(table, "weak-sched", "nospec", CONCURRENCIES, WEAK_MIN_RATIO)
+    points = {n: state[n]["points"] for n in names}
+    rows = paired_rows(points, "weak-sched", "nospec", CONCURRENCIES, WEAK_MIN_RATIO)
     results["part_b"]["weak_sched_over_nospec"] = rows
+    results["part_b"]["weak_sched_over_nospec_best_of_rounds"] = ratio_rows(table, "weak-sched", "nospec",
+                                                                            CONCURRENCIES, WEAK_MIN_RATIO)
     checked = [r for r in rows if r["concurrency"] in WEAK_CHECKED]
     report.check(f"part b: weak-sched goodput >= nospec x {WEAK_MIN_RATIO:.2f} at concurrency "
-                 f"{', '.join(map(str, WEAK_CHECKED))}", all(r["ok"] for r in checked),
+                 f"{', '.join(map(str, WEAK_CHECKED))} (median over rounds)", all(r["ok"] for r in checked),
                  {f"c{r['concurrency']}": r["ratio"] for r in rows})
     for name in ("weak-full", "weak-recal"):
         if name in names:
-            rows = ratio_rows(table, name, "nospec", CONCURRENCIES, 0.0)
+            rows = paired_rows(points, name, "nospec", CONCURRENCIES, 0.0)
             results["part_b"][f"{name.replace('-', '_')}_over_nospec"] = rows
             info(f"part b: {name} / nospec", {f"c{r['concurrency']}": r["ratio"] for r in rows})
 
