@@ -288,21 +288,28 @@ def running_max(points: Iterable[tuple[int, float]]) -> Iterator[tuple[int, floa
 
 class CalibrationLog:
     """``SGLANG_DSPARK_CALIBRATION_LOG=PATH``: one JSON line per request of every drafted step,
-    ``{"confidence": [sigmoid(c_1)..sigmoid(c_gamma)], "accepted": a, "verified": L}`` (the step records of
-    ``benchmark/analysis/calibration.py``), line-buffered so the file can be read while the server runs. It
-    copies the step's confidences to the host (a synchronisation): for measurement, not for serving."""
+    ``{"confidence": [sigmoid(c_1)..sigmoid(c_gamma)], "accepted": a, "verified": L, "rid": request id, "step": n}``
+    (the step records of ``benchmark/analysis/calibration.py``; ``step`` counts this log's drafted steps, so a
+    request's consecutive records can be paired, ``benchmark/analysis/ragged_gain.py --lagged``), line-buffered
+    so the file can be read while the server runs. It copies the step's confidences to the host (a
+    synchronisation): for measurement, not for serving."""
 
     def __init__(self, path: str) -> None:
         self._file = open(path, "a", buffering=1)
+        self._steps = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Optional["CalibrationLog"]:
         path = env.get(CALIBRATION_LOG_ENV)
         return cls(path) if path else None
 
-    def write(self, confidence_logits: torch.Tensor, accepted: torch.Tensor, verified: int) -> None:
-        """confidence_logits float ``[bs, gamma]``, accepted int ``[bs]``, ``verified`` drafts per request."""
+    def write(self, confidence_logits: torch.Tensor, accepted: torch.Tensor, verified: int,
+              rids: Sequence[str]) -> None:
+        """confidence_logits float ``[bs, gamma]``, accepted int ``[bs]``, ``verified`` drafts per request, the
+        requests' ids (``bs``)."""
         confidence = torch.sigmoid(confidence_logits.float()).tolist()
-        for row, a in zip(confidence, accepted.tolist()):
-            record = {"confidence": [round(c, 5) for c in row], "accepted": int(a), "verified": verified}
+        for row, a, rid in zip(confidence, accepted.tolist(), rids):
+            record = {"confidence": [round(c, 5) for c in row], "accepted": int(a), "verified": verified,
+                      "rid": str(rid), "step": self._steps}
             self._file.write(json.dumps(record) + "\n")
+        self._steps += 1

@@ -530,7 +530,7 @@ class DSparkWorker(DFlashWorkerV2):
             if self._planner is not None:
                 self._planner.observe(block.confidence_logits, accepted, width - 1)
             if self._calibration_log is not None:
-                self._calibration_log.write(block.confidence_logits, accepted, width - 1)
+                self._calibration_log.write(block.confidence_logits, accepted, width - 1, [r.rid for r in batch.reqs])
         timer.mark("accept")
         if on_publish is not None:
             on_publish(layout.new_seq_lens)

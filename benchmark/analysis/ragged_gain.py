@@ -1,7 +1,7 @@
 """What per-request verify lengths would gain over one verify width per step, from logged drafted steps.
 
     python benchmark/analysis/ragged_gain.py RECORDS.jsonl COST_PROFILE.json [--overhead-ms 1.5]
-        [--batch-sizes 1,8,32,64] [--seed 0]
+        [--batch-sizes 1,8,32,64] [--seed 0] [--lagged]
 
 RECORDS are ``SGLANG_DSPARK_CALIBRATION_LOG`` lines (``{"confidence": [sigmoid(c_1)..], "accepted": a,
 "verified": L}``); only fully verified ones (``L = gamma``) are used, so ``min(a, l)`` is what verifying ``l``
@@ -18,6 +18,12 @@ Reported per batch size: committed tokens per ms that the logged acceptances giv
 verification, and no drafts), and the per-request / per-step ratio. Both choose from the current step's
 confidences; the server's per-step width uses earlier steps' (it cannot wait for these), so this is the gain
 of per-request lengths at equal information, an upper bound of what a lagged per-request choice could add.
+
+``--lagged`` (records with ``rid`` and ``step``, logged since the calibration log wrote them) measures that
+lagged choice: only fully verified records whose request has an earlier drafted record are kept, and both
+policies choose from the survivals of that earlier record (the previous drafted step's head, the only
+information a sync-free server has when it plans), scored with the current record's acceptance
+(``per_step_lagged``, ``per_request_lagged``, their ratio).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import json
 import random
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -36,22 +43,35 @@ from benchmark.tiny.data import read_jsonl  # noqa: E402
 from sglang_dspark.cost_profile import CostProfile  # noqa: E402
 
 
-def load_records(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fully verified records -> (confidences float ``[n, gamma]``, accepted int ``[n]``)."""
+def load_records(path: Path, lagged: bool = False) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Fully verified records -> (confidences float ``[n, gamma]``, accepted int ``[n]``, and with ``lagged`` the
+    confidences of each one's request at its previous drafted step ``[n, gamma]``, records without one left
+    out; else None)."""
     rows = read_jsonl(path)
     gamma = max(len(r["confidence"]) for r in rows)
-    full = [r for r in rows if r["verified"] == gamma]
-    return (torch.tensor([r["confidence"] for r in full], dtype=torch.float64),
-            torch.tensor([r["accepted"] for r in full], dtype=torch.int64))
+    previous: dict[str, list[float]] = {}
+    kept, earlier = [], []
+    for r in sorted(rows, key=lambda r: r["step"]) if lagged else rows:
+        if r["verified"] == gamma and (not lagged or r["rid"] in previous):
+            kept.append(r)
+            earlier.append(previous.get(r.get("rid")))
+        if lagged:
+            previous[r["rid"]] = r["confidence"]
+    return (torch.tensor([r["confidence"] for r in kept], dtype=torch.float64),
+            torch.tensor([r["accepted"] for r in kept], dtype=torch.int64),
+            torch.tensor(earlier, dtype=torch.float64) if lagged else None)
 
 
-def calibrated_survival(confidence: torch.Tensor, accepted: torch.Tensor) -> torch.Tensor:
-    """Survivals ``[n, gamma]``: conditionals rescaled per position by measured / predicted, capped at 1."""
+def calibrated_survival(confidence: torch.Tensor, accepted: torch.Tensor,
+                        heads: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Survivals ``[n, gamma]`` of ``heads`` (default: ``confidence``): conditionals rescaled per position by
+    measured / predicted acceptance of ``confidence`` and ``accepted``, capped at 1."""
     positions = torch.arange(confidence.shape[1])
     reached = positions[None, :] <= accepted[:, None]  # drafts before k accepted
     hits = positions[None, :] < accepted[:, None]
     ratio = hits.sum(0).double() / (confidence * reached).sum(0).clamp(min=1e-9)
-    return (confidence * ratio).clamp(max=1.0).cumprod(dim=-1)
+    heads = confidence if heads is None else heads
+    return (heads * ratio).clamp(max=1.0).cumprod(dim=-1)
 
 
 def step_ms(cost: CostProfile, overhead_ms: float, bs: int, drafts: int) -> float:
@@ -84,27 +104,36 @@ def fixed(accepted: torch.Tensor, cost: CostProfile, overhead_ms: float, drafts:
 
 
 def compare(confidence: torch.Tensor, accepted: torch.Tensor, cost: CostProfile, overhead_ms: float,
-            batch_sizes: list[int], seed: int = 0) -> dict[int, dict[str, float]]:
-    """Committed tokens per ms per policy and batch size, over the records cut into batches."""
+            batch_sizes: list[int], seed: int = 0,
+            previous: Optional[torch.Tensor] = None) -> dict[int, dict[str, float]]:
+    """Committed tokens per ms per policy and batch size, over the records cut into batches; with ``previous``
+    (each record's request's confidences one drafted step earlier) also both policies choosing from those."""
     survival = calibrated_survival(confidence, accepted)
+    lagged = None if previous is None else calibrated_survival(confidence, accepted, previous)
     gamma = confidence.shape[1]
     index = list(range(len(accepted)))
     random.Random(seed).shuffle(index)
     out = {}
     for bs in batch_sizes:
-        totals = {"per_step": [0.0, 0.0], "per_request": [0.0, 0.0], "full": [0.0, 0.0], "none": [0.0, 0.0]}
+        totals: dict[str, list[float]] = {}
         for start in range(0, len(index) - bs + 1, bs):
             rows = torch.tensor(index[start:start + bs])
             s, a = survival[rows], accepted[rows]
-            for name, (tokens, ms) in (("per_step", per_step(s, a, cost, overhead_ms)),
-                                       ("per_request", per_request(s, a, cost, overhead_ms)),
-                                       ("full", fixed(a, cost, overhead_ms, gamma)),
-                                       ("none", fixed(a, cost, overhead_ms, 0))):
-                totals[name][0] += tokens
-                totals[name][1] += ms
+            policies = {"per_step": per_step(s, a, cost, overhead_ms),
+                        "per_request": per_request(s, a, cost, overhead_ms),
+                        "full": fixed(a, cost, overhead_ms, gamma), "none": fixed(a, cost, overhead_ms, 0)}
+            if lagged is not None:
+                policies["per_step_lagged"] = per_step(lagged[rows], a, cost, overhead_ms)
+                policies["per_request_lagged"] = per_request(lagged[rows], a, cost, overhead_ms)
+            for name, (tokens, ms) in policies.items():
+                total = totals.setdefault(name, [0.0, 0.0])
+                total[0] += tokens
+                total[1] += ms
         rates = {name: tokens / ms for name, (tokens, ms) in totals.items() if ms > 0}
         if rates:
             rates["per_request_over_per_step"] = rates["per_request"] / rates["per_step"]
+            if lagged is not None:
+                rates["lagged_per_request_over_per_step"] = rates["per_request_lagged"] / rates["per_step_lagged"]
             out[bs] = {k: round(v, 4) for k, v in rates.items()}
     return out
 
@@ -116,10 +145,12 @@ def main() -> None:
     parser.add_argument("--overhead-ms", type=float, default=1.5)
     parser.add_argument("--batch-sizes", default="1,8,32,64")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lagged", action="store_true",
+                        help="also choose from each request's previous drafted step (records with rid and step)")
     args = parser.parse_args()
-    confidence, accepted = load_records(args.records)
+    confidence, accepted, previous = load_records(args.records, args.lagged)
     result = compare(confidence, accepted, CostProfile.load(str(args.cost_profile)), args.overhead_ms,
-                     [int(b) for b in args.batch_sizes.split(",")], args.seed)
+                     [int(b) for b in args.batch_sizes.split(",")], args.seed, previous)
     print(json.dumps({"records": len(accepted), "mean_accepted": round(float(accepted.double().mean()), 3),
                       "overhead_ms": args.overhead_ms, "committed_tokens_per_ms": result}, indent=1))
 

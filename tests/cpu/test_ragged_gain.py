@@ -1,13 +1,15 @@
 """benchmark/analysis/ragged_gain.py: per-request verify lengths against one width per step, on logged steps."""
 
+import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmark" / "analysis"))
 
-from ragged_gain import calibrated_survival, compare, per_request, per_step  # noqa: E402
+from ragged_gain import calibrated_survival, compare, load_records, per_request, per_step  # noqa: E402
 
 from sglang_dspark.cost_profile import CostProfile  # noqa: E402
 
@@ -42,3 +44,34 @@ def test_compare_reports_every_batch_size_and_the_ratio():
     assert sorted(out) == [1, 8, 32]
     for rates in out.values():
         assert abs(rates["per_request_over_per_step"] - rates["per_request"] / rates["per_step"]) < 1e-3
+
+
+def test_lagged_records_pair_each_request_with_its_previous_drafted_step(tmp_path):
+    path = tmp_path / "records.jsonl"
+    rows = [{"confidence": [0.1, 0.2], "accepted": 1, "verified": 2, "rid": "a", "step": 0},
+            {"confidence": [0.3, 0.4], "accepted": 0, "verified": 1, "rid": "b", "step": 0},  # history only
+            {"confidence": [0.7, 0.8], "accepted": 2, "verified": 2, "rid": "a", "step": 2},
+            {"confidence": [0.5, 0.6], "accepted": 2, "verified": 2, "rid": "a", "step": 1},  # logged out of order
+            {"confidence": [0.9, 0.9], "accepted": 0, "verified": 2, "rid": "b", "step": 1}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    confidence, accepted, previous = load_records(path, lagged=True)
+    assert confidence.tolist() == [[0.5, 0.6], [0.9, 0.9], [0.7, 0.8]] and accepted.tolist() == [2, 0, 2]
+    assert previous.tolist() == [[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]]
+    confidence, accepted, previous = load_records(path)  # every fully verified record, no pairing
+    assert len(accepted) == 4 and previous is None
+
+
+def test_lagged_policies_equal_the_current_ones_on_unchanged_heads():
+    torch.manual_seed(1)
+    confidence = torch.rand((64, 7), dtype=torch.float64)
+    accepted = torch.randint(0, 8, (64,))
+    out = compare(confidence, accepted, COST, 0.5, [8, 32], previous=confidence.clone())
+    for rates in out.values():
+        assert rates["per_step_lagged"] == rates["per_step"] and rates["per_request_lagged"] == rates["per_request"]
+    # Acceptance that follows the head (drafts accepted while their confidence is above 0.3): another
+    # request's confidences are worse information than the request's own.
+    accepted = (confidence > 0.3).long().cumprod(-1).sum(-1)
+    stale = compare(confidence, accepted, COST, 0.5, [32], previous=confidence.flip(0))[32]
+    assert stale["per_request_lagged"] < stale["per_request"]
+    assert stale["lagged_per_request_over_per_step"] == pytest.approx(
+        stale["per_request_lagged"] / stale["per_step_lagged"], abs=1e-3)

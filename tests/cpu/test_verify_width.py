@@ -80,10 +80,12 @@ def test_calibration_log(tmp_path):
     path = tmp_path / "calibration.jsonl"
     log = CalibrationLog.from_env({"SGLANG_DSPARK_CALIBRATION_LOG": str(path)})
     assert CalibrationLog.from_env({}) is None
-    log.write(torch.zeros((2, 3)), torch.tensor([0, 2]), 3)
+    log.write(torch.zeros((2, 3)), torch.tensor([0, 2]), 3, ["a", "b"])
+    log.write(torch.zeros((1, 3)), torch.tensor([1]), 2, ["b"])
     rows = [json.loads(line) for line in path.read_text().splitlines()]  # readable before any close
-    assert rows == [{"confidence": [0.5] * 3, "accepted": 0, "verified": 3},
-                    {"confidence": [0.5] * 3, "accepted": 2, "verified": 3}]
+    assert rows == [{"confidence": [0.5] * 3, "accepted": 0, "verified": 3, "rid": "a", "step": 0},
+                    {"confidence": [0.5] * 3, "accepted": 2, "verified": 3, "rid": "b", "step": 0},
+                    {"confidence": [0.5] * 3, "accepted": 1, "verified": 2, "rid": "b", "step": 1}]
 
 
 def test_measure_profile_medians_per_total():
