@@ -177,3 +177,42 @@ def test_run_sh_wires_issue6():
     text = (GPU_TESTS / "run.sh").read_text()
     assert "issue6) export ISSUE6_T0=${ISSUE6_T0:-$ISSUE4_T0}; run issue6 python3 tests/gpu/issue6.py ;;" in text
     assert "(SERVING|ISSUE4|ISSUE6)_[A-Z0-9_]+=" in text
+
+
+class FakeServer:
+    """A server answering every request at once with 256 tokens in 64 verify steps; ``calls`` logs (name, n, c)."""
+
+    def __init__(self, name: str, calls: list, fail_at: int | None = None) -> None:
+        self.name, self.calls, self.fail_at = name, calls, fail_at
+        self.log_path = Path(f"/tmp/{name}.log")
+
+    def generate_many(self, prompts, params, concurrency):
+        if concurrency == self.fail_at:
+            raise RuntimeError("server gone")
+        self.calls.append((self.name, len(prompts), concurrency))
+        return [{"meta_info": {"completion_tokens": p["max_new_tokens"], "spec_verify_ct": 64}} for p in params]
+
+    def avg_spec_accept_length(self):
+        return 4.0
+
+    def log_tail(self, lines: int = 30) -> str:
+        return ""
+
+
+def test_goodput_round_measures_each_concurrency_back_to_back(issue6):
+    """At each concurrency every server in turn (after its warm-ups), so compared points are seconds apart; a
+    server that fails is left out for the rest of the round, the others go on."""
+    calls: list = []
+    state = {name: {"server": FakeServer(name, calls, fail_at=8 if name == "full" else None), "points": {},
+                    "up": True} for name in ("nospec", "full", "scheduled")}
+    clock = issue6.Clock("UNSET_T0", 1000.0)
+    skipped: list = []
+    issue6.goodput_round(state, ("nospec", "full", "scheduled"), [[1, 2, 3]] * 300, clock, 1, skipped)
+    measured = [(name, c) for name, n, c in calls if n == issue6.requests_for(c)]
+    assert measured == [("nospec", 1), ("full", 1), ("scheduled", 1), ("nospec", 8), ("scheduled", 8),
+                        ("nospec", 32), ("scheduled", 32), ("nospec", 64), ("scheduled", 64)]
+    assert sorted(state["scheduled"]["points"]) == [1, 8, 32, 64] and list(state["full"]["points"]) == [1, 8]
+    assert state["full"]["points"][8] == [] and "server gone" in state["full"]["error"]
+    assert all(p[0]["round"] == 1 for p in state["scheduled"]["points"].values())
+    assert state["scheduled"]["avg_spec_accept_length"] == 4.0 and "avg_spec_accept_length" not in state["full"]
+    assert skipped == []
