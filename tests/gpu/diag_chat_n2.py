@@ -13,11 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-import requests
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import OUT, TINY_TARGET, Server  # noqa: E402
-from serving import DSPARK_ARGS, PAIR_ARGS, TINY_ARGS, load_prompts  # noqa: E402
+from harness import OUT, TINY_TARGET, Clock, Server, first_difference  # noqa: E402
+from serving import DSPARK_ARGS, PAIR_ARGS, TINY_ARGS, Api, Judge, greedy, ids_of, load_prompts  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 tok = AutoTokenizer.from_pretrained(TINY_TARGET)
@@ -29,6 +27,9 @@ servers = {
     for name, extra, port in (("base", [], 31500), ("sched", DSPARK_ARGS, 31600),
                               ("full", [*DSPARK_ARGS, "--speculative-dspark-verify", "full"], 31700))
 }
+clock = Clock("DIAG_T0", 600.0)
+apis = {name: Api(server, clock) for name, server in servers.items()}
+judge = Judge(apis["base"], strict=False)
 out = {}
 try:
     for s in servers.values():
@@ -37,49 +38,34 @@ try:
     for s in servers.values():
         s.wait_ready()
 
-    def post(name, path, payload):
-        return requests.post(servers[name].url + path, json=payload, timeout=60).json()
-
-    def flush(name):
-        requests.post(servers[name].url + "/flush_cache?timeout=10", timeout=30)
-
-    def gap(context, a, b):
-        body = post("base", "/generate", {"input_ids": context, "return_logprob": True, "top_logprobs_num": 20,
-                                          "sampling_params": {"temperature": 0.0, "max_new_tokens": 1},
-                                          "logprob_start_len": -1})
-        lps = {int(e[1]): float(e[0]) for e in body["meta_info"]["output_top_logprobs"][0]}
-        return {"a": a, "b": b, "lp_a": lps.get(a), "lp_b": lps.get(b), "top1": max(lps.values())}
-
     chat = {"model": "default", "messages": [{"role": "user", "content": texts[1]}], "max_tokens": 64,
             "temperature": 0, "ignore_eos": True, "n": 2, "return_prompt_token_ids": True}
     prompt_ids = None
-    for name in ("base", "sched", "full"):
+    for name, api in apis.items():
         rec = out[name] = {}
         runs = []
         for _ in range(2):
-            flush(name)
-            c = post(name, "/v1/chat/completions", chat)
+            api.flush()
+            c = api.ok("/v1/chat/completions", chat)
             runs.append([ch["message"]["content"] for ch in c["choices"]])
             prompt_ids = c["choices"][0].get("prompt_token_ids") or prompt_ids
         rec["chat_n2"] = runs
-        flush(name)
-        rec["chat_n1"] = post(name, "/v1/chat/completions", {**chat, "n": 1})["choices"][0]["message"]["content"]
+        api.flush()
+        rec["chat_n1"] = api.ok("/v1/chat/completions", {**chat, "n": 1})["choices"][0]["message"]["content"]
         gens = []
         for n in (2, 1):
-            flush(name)
-            params = {"n": n, "temperature": 0, "max_new_tokens": 64, "ignore_eos": True}
-            g = post(name, "/generate", {"input_ids": prompt_ids, "sampling_params": params})
+            g = api.generate({"input_ids": prompt_ids, "sampling_params": {**greedy(64), "n": n}}, cold=True)
             g = g if isinstance(g, list) else [g]
-            gens.append([x["output_ids"] for x in g])
+            gens.append([ids_of(x) for x in g])
             if n == 2:
                 rec["gen_n2_verify_ct"] = [x["meta_info"].get("spec_verify_ct") for x in g]
         rec["gen_n2"], rec["gen_n1"] = gens
     ref = out["base"]["gen_n1"][0]
-    for name in out:
+    for name in apis:
         for j, ids in enumerate(out[name]["gen_n2"] + out[name]["gen_n1"]):
-            d = next((i for i, (x, y) in enumerate(zip(ids, ref)) if x != y), None)
-            diff = None if d is None else {"pos": d, **gap(prompt_ids + ref[:d], ids[d], ref[d])}
-            out[name][f"diff_vs_base_{j}"] = diff
+            d = first_difference(ids, ref)
+            out[name][f"diff_vs_base_{j}"] = None if d is None else {
+                "pos": d, "a": ids[d], "b": ref[d], **judge.gap(prompt_ids + ref[:d], ids[d], ref[d])}
     out["prompt_len"] = len(prompt_ids)
 finally:
     for s in servers.values():
