@@ -4,14 +4,15 @@ Each step verifies ``W - 1`` drafts of every request in the batch (``W`` tokens 
 the drafts), ``W`` in ``1..gamma + 1``, chosen on the host before the step from what the previous steps
 measured, so choosing it adds no host synchronisation:
 
-* ``WidthPlanner`` keeps, on the device, a calibration of the confidence head (per draft position ``k``: the
+* ``WidthPlanner`` keeps a calibration of the confidence head on the host (per draft position ``k``: the
   decayed sums of predicted conditional confidences ``sigmoid(c_k)`` and of acceptances over the verified
   requests that reached ``k``; their ratio rescales the head, so an over- or under-confident head, or a
-  drafter that got worse, is corrected by what verification measures). After every drafted step it turns
-  the batch's calibrated survivals ``s_{b,k} = prod_{j<=k} min(1, r_j sigmoid(c_{b,j}))`` into the expected
-  accepted drafts per request for every width, ``G[W] = mean_b sum_{k<W} s_{b,k}``, and copies those
-  ``gamma + 1`` numbers to pinned host memory without blocking. The next step reads them if the copy has
-  landed (else the older ones) and takes the width maximising expected committed tokens per millisecond::
+  drafter that got worse, is corrected by what verification measures). After every drafted step the worker
+  hands it the step's confidence logits and accepted counts, which it copies to the host without blocking
+  (two copies, no other device work: on small models every kernel launch of a step shows); when a copy has
+  landed it turns the batch's calibrated survivals ``s_{b,k} = prod_{j<=k} min(1, r_j sigmoid(c_{b,j}))``
+  into the expected accepted drafts per request for every width, ``G[W] = mean_b sum_{k<W} s_{b,k}``. Each
+  step takes the width maximising expected committed tokens per millisecond from the newest ``G``::
 
       theta(W) = bs * (1 + G[W]) / (overhead_ms + draft_ms(bs) * [W > 1] + verify_ms(bs * W))
 
@@ -38,11 +39,12 @@ import json
 import logging
 import statistics
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from sglang_dspark.cost_profile import CostProfile, CudaEventTimer, Timer, measure_points
@@ -63,9 +65,10 @@ class WidthPlanner:
     OVERHEAD_DECAY = 0.9  # per step
     LOG_EVERY_S = 60.0  # a summary of the widths chosen, in the server log
     GAP_FACTOR, GAP_MS = 3.0, 20.0  # a gap longer than 3 x the predicted step + 20 ms was not one step (idle, prefill)
+    MAX_PENDING = 8  # observed steps whose host copies are in flight
 
     def __init__(
-        self, gamma: int, cost: CostProfile, device: torch.device | str, *, decay: float = 0.99,
+        self, gamma: int, cost: CostProfile, *, decay: float = 0.99,
         probe: tuple[int, int] = (4, 128), clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.gamma = gamma
@@ -79,11 +82,10 @@ class WidthPlanner:
         self.widths: Counter[int] = Counter()  # widths chosen since the last summary
         self._logged_at = clock()
         # Calibration sums per position, float32 [gamma], starting at one pseudo-observation of ratio 1.
-        self.predicted = torch.ones((gamma,), dtype=torch.float32, device=device)
-        self.accepted = torch.ones((gamma,), dtype=torch.float32, device=device)
-        pin = torch.device(device).type == "cuda"
-        self._gains_host = torch.zeros((gamma + 2,), dtype=torch.float32, pin_memory=pin)
-        self._copied: Optional[torch.cuda.Event] = None
+        self.predicted = np.ones(gamma, dtype=np.float32)
+        self.accepted = np.ones(gamma, dtype=np.float32)
+        # Observed steps whose host copies may not have landed: (event or None, confidence logits, accepted, verified).
+        self._pending: deque[tuple[Optional[torch.cuda.Event], torch.Tensor, torch.Tensor, int]] = deque()
         self.gains: Optional[list[float]] = None  # G[W] for W = 0..gamma + 1 (index 0 unused); None: no data yet
         self._plain_steps = 0
         self._probe_every = self.probe_first
@@ -153,35 +155,45 @@ class WidthPlanner:
         return 2
 
     def _poll(self) -> None:
-        if self._copied is not None and self._copied.query():
-            self.gains = self._gains_host.tolist()
-            self._copied = None
+        """Fold in every observed step whose host copy has landed, oldest first (host only)."""
+        while self._pending and (self._pending[0][0] is None or self._pending[0][0].query()):
+            _, confidence_logits, accepted, verified = self._pending.popleft()
+            self._fold(confidence_logits.numpy(), accepted.numpy(), verified)
 
     def observe(self, confidence_logits: torch.Tensor, accepted: torch.Tensor, verified: int) -> None:
-        """After a step that verified ``verified`` (>= 1) drafts per request: update the calibration with
-        the head's logits float ``[bs, gamma]`` and the accepted counts int ``[bs]``, then publish ``G`` for
-        the next step (device work and a non-blocking copy only)."""
-        positions = torch.arange(verified, device=accepted.device)
-        confidence = torch.sigmoid(confidence_logits.float())  # [bs, gamma]
-        reached = (positions <= accepted[:, None]).float()  # [bs, verified]: drafts 1..k-1 were accepted
-        hits = (positions < accepted[:, None]).float()
-        keep = torch.pow(self.decay, reached.sum(0))  # [verified]: decay per sample seen at each position
-        self.predicted[:verified].mul_(keep).add_((confidence[:, :verified] * reached).sum(0))
-        self.accepted[:verified].mul_(keep).add_(hits.sum(0))
+        """After a step that verified ``verified`` (>= 1) drafts per request: copy the head's logits float
+        ``[bs, gamma]`` and the accepted counts int ``[bs]`` to the host without blocking; a later ``width``
+        folds them in once they have landed. While ``MAX_PENDING`` copies are still in flight (a device far
+        behind the host) the step is left out."""
+        if len(self._pending) >= self.MAX_PENDING:
+            return
+        if not accepted.is_cuda:
+            self._pending.append((None, confidence_logits.float(), accepted, verified))
+            self._poll()
+            return
+        host = []
+        for t in (confidence_logits.float(), accepted):  # into pinned memory, so that the copies do not block
+            host.append(torch.empty(t.shape, dtype=t.dtype, pin_memory=True))
+            host[-1].copy_(t, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((event, host[0], host[1], verified))
+
+    def _fold(self, confidence_logits: np.ndarray, accepted: np.ndarray, verified: int) -> None:
+        """Update the calibration with one step (logits ``[bs, gamma]``, accepted ``[bs]``) and recompute ``G``."""
+        confidence = 1.0 / (1.0 + np.exp(-confidence_logits))  # float32 [bs, gamma]
+        positions = np.arange(verified)
+        reached = positions <= accepted[:, None]  # [bs, verified]: drafts 1..k-1 were accepted
+        hits = positions < accepted[:, None]
+        keep = np.float32(self.decay) ** reached.sum(0)  # [verified]: decay per sample seen at each position
+        self.predicted[:verified] = self.predicted[:verified] * keep + (confidence[:, :verified] * reached).sum(0)
+        self.accepted[:verified] = self.accepted[:verified] * keep + hits.sum(0)
         ratio = self.accepted / self.predicted  # [gamma]
-        conditional = (confidence * ratio).clamp_(max=1.0)
-        survival = conditional.cumprod(dim=-1)  # [bs, gamma]
-        gains = torch.zeros((self.gamma + 2,), dtype=torch.float32, device=accepted.device)
-        gains[2:] = survival.cumsum(-1).mean(0)  # G[W] = expected accepted drafts when verifying W - 1
-        self._gains_host.copy_(gains, non_blocking=True)
-        if gains.is_cuda:
-            self._copied = torch.cuda.Event()
-            self._copied.record()
-        else:
-            self.gains = self._gains_host.tolist()
+        survival = np.minimum(confidence * ratio, 1.0).cumprod(axis=-1)  # [bs, gamma]
+        self.gains = [0.0, 0.0] + survival.cumsum(axis=-1).mean(axis=0).tolist()  # G[W]: W - 1 drafts verified
 
     def calibration(self) -> list[float]:
-        """Measured / predicted acceptance per position (host copy: synchronises; for logs and tests)."""
+        """Measured / predicted acceptance per position (as far as the landed copies go)."""
         return (self.accepted / self.predicted).tolist()
 
 

@@ -291,7 +291,7 @@ class DSparkWorker(DFlashWorkerV2):
             return
         self._verify_graphs = VerifyGraphs(self.target_worker.model_runner, range(1, self.gamma + 1))
         cost = self._cost_profile()
-        self._planner = WidthPlanner(self.gamma, cost, self.device)
+        self._planner = WidthPlanner(self.gamma, cost)
         logger.info(
             "DSPARK scheduled verification: verify graphs for widths %s, cost profile %s (%s): verify %s ms at "
             "1/%d/%d tokens, draft %s ms at batch 1/%d",

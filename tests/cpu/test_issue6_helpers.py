@@ -66,7 +66,7 @@ def test_knobs(load_issue6):
 
 
 def test_point_stats_and_requests(issue6):
-    assert [issue6.requests_for(c) for c in (1, 8, 32, 64)] == [6, 32, 128, 256]
+    assert [issue6.requests_for(c) for c in (1, 8, 32, 64)] == [12, 32, 128, 256]
     p = issue6.point_stats([meta(256, 64), meta(256, 64)], 2.0, 8, 256)
     assert p["output_tok_s"] == 256.0 and p["accept_length"] == 4.0 and p["verify_ct"] == 128 and p["complete"]
     p = issue6.point_stats([meta(256, None), meta(200, None)], 4.0, 1, 256)

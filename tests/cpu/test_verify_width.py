@@ -23,12 +23,12 @@ def observe(planner: WidthPlanner, confidence: float, accepted: list[int], verif
 
 
 def test_full_width_until_something_is_measured():
-    planner = WidthPlanner(GAMMA, COST, "cpu")
+    planner = WidthPlanner(GAMMA, COST)
     assert planner.gains is None and planner.width(1) == GAMMA + 1 and planner.width(64) == GAMMA + 1
 
 
 def test_good_drafts_full_width():
-    planner = WidthPlanner(GAMMA, COST, "cpu")
+    planner = WidthPlanner(GAMMA, COST)
     for _ in range(50):  # the head says 0.9 per position and every draft is accepted: calibration lifts it to 1
         observe(planner, 0.9, [GAMMA] * 8)
     assert planner.gains[GAMMA + 1] == pytest.approx(GAMMA, rel=0.02)
@@ -38,14 +38,14 @@ def test_good_drafts_full_width():
 def test_width_falls_with_load():
     """Drafts surviving with probability 0.7 each: worth all 7 at batch 1 (memory-bound), only 2 at batch 64
     (theta = 6.4, 7.16, 7.62, 7.51, ... for W = 1, 2, 3, 4, ...)."""
-    planner = WidthPlanner(GAMMA, COST, "cpu")
+    planner = WidthPlanner(GAMMA, COST)
     planner.gains = [0.0, 0.0] + [sum(0.7**k for k in range(1, w)) for w in range(2, GAMMA + 2)]
     assert planner.width(1) == GAMMA + 1 and planner.width(64) == 3
 
 
 def test_calibration_corrects_an_overconfident_head():
     """The head predicts 0.9 everywhere but only the first draft is ever accepted."""
-    planner = WidthPlanner(GAMMA, COST, "cpu")
+    planner = WidthPlanner(GAMMA, COST)
     for _ in range(100):
         observe(planner, 0.9, [1] * 16)
     ratio = planner.calibration()
@@ -56,7 +56,7 @@ def test_calibration_corrects_an_overconfident_head():
 
 def test_bad_drafts_plain_decode_with_probes():
     """Nothing is ever accepted: plain decode steps (width 1), one probe (width 2) after 4, then 8, 16, 32 ..."""
-    planner = WidthPlanner(GAMMA, COST, "cpu", probe=(4, 16))
+    planner = WidthPlanner(GAMMA, COST, probe=(4, 16))
     for _ in range(30):
         observe(planner, 0.6, [0] * 32, verified=1)
     widths = [planner.width(32) for _ in range(4 + 8 + 16 + 16)]
@@ -69,7 +69,7 @@ def test_bad_drafts_plain_decode_with_probes():
 
 def test_observe_only_counts_reached_positions():
     """Position k is evidence only for requests whose drafts 1..k-1 were all accepted."""
-    planner = WidthPlanner(GAMMA, COST, "cpu", decay=1.0)
+    planner = WidthPlanner(GAMMA, COST, decay=1.0)
     observe(planner, 0.5, [0, 3], verified=4)
     # reached: position 1 by both, 2..4 by the second only; accepted: positions 1..3 by the second
     assert planner.predicted.tolist()[:5] == pytest.approx([1 + 1.0, 1 + 0.5, 1 + 0.5, 1 + 0.5, 1])
@@ -130,7 +130,7 @@ def test_step_overhead_from_the_host_clock():
     """Steps arriving 4 ms later than the profile's GPU time (10 ms for a plain step at batch 1, 22 ms for a probe)
     leave 4 ms per step the profile does not see; an idle gap is not a step."""
     clock = Clock()
-    planner = WidthPlanner(GAMMA, COST, "cpu", clock=clock)
+    planner = WidthPlanner(GAMMA, COST, clock=clock)
     planner.gains = [0.0] * (GAMMA + 2)  # nothing is ever accepted: plain steps (and probes)
     for _ in range(200):
         width = planner.width(1)
@@ -144,7 +144,7 @@ def test_step_overhead_from_the_host_clock():
 def test_overhead_widens_the_verify_at_high_load():
     """With the per-step overhead of a CPU-bound server, verifying more drafts costs relatively less: the width
     that was best without it (3, test_width_falls_with_load) gives way to a wider one."""
-    planner = WidthPlanner(GAMMA, COST, "cpu")
+    planner = WidthPlanner(GAMMA, COST)
     planner.gains = [0.0, 0.0] + [sum(0.7**k for k in range(1, w)) for w in range(2, GAMMA + 2)]
     planner.overhead_ms = 40.0
     best = max(range(1, GAMMA + 2), key=lambda w: planner.theta(64, w, planner.gains))
@@ -153,7 +153,7 @@ def test_overhead_widens_the_verify_at_high_load():
 
 def test_summary_in_the_log(caplog):
     clock = Clock()
-    planner = WidthPlanner(GAMMA, COST, "cpu", clock=clock)
+    planner = WidthPlanner(GAMMA, COST, clock=clock)
     with caplog.at_level("INFO", logger="sglang_dspark"):
         planner.width(4)
         clock.now += WidthPlanner.LOG_EVERY_S
@@ -165,7 +165,7 @@ def test_summary_in_the_log(caplog):
 def test_step_ms_is_the_profile_plus_overhead():
     """The per-batch-size cache of the profile's step costs gives what the profile says: draft (when drafting)
     plus verify over bs * W tokens, plus the measured overhead."""
-    planner = WidthPlanner(GAMMA, COST, "cpu")
+    planner = WidthPlanner(GAMMA, COST)
     planner.overhead_ms = 1.5
     for bs in (1, 8, 64):
         for width in range(1, GAMMA + 2):

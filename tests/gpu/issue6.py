@@ -122,9 +122,10 @@ def log(message: str) -> None:
 
 
 def requests_for(concurrency: int) -> int:
-    """Requests per goodput point: 6 at concurrency 1, else four full waves (at least 32). Points of two waves
-    (about one second on the tiny pair) varied by up to 1.5x between rounds in the first GPU run."""
-    return 6 if concurrency == 1 else max(32, 4 * concurrency)
+    """Requests per goodput point: 12 at concurrency 1 (about 2 s on the tiny pair), else four full waves (at
+    least 32). Points of two waves (about one second) varied by up to 1.5x between rounds in the first GPU run,
+    and so did 6 requests at concurrency 1."""
+    return 12 if concurrency == 1 else max(32, 4 * concurrency)
 
 
 def point_stats(metas: list[dict[str, Any]], wall_s: float, concurrency: int, max_new_tokens: int) -> dict[str, Any]:

@@ -517,6 +517,38 @@ def check_sync_free_verify_plan(report: Report) -> None:
                  max(errors) >= tolerance, {"worst_per_trial": errors})
 
 
+def check_planner_observe(report: Report) -> None:
+    """WidthPlanner.observe on device tensors: no synchronisation, host copies into pinned memory, and once
+    they have landed the same calibration and gains as from the same steps on the host."""
+    from sglang_dspark.cost_profile import builtin_profile
+    from sglang_dspark.verify_width import WidthPlanner
+
+    gamma, device = 7, "cuda"
+    cost = builtin_profile(8e9, 1e9)
+    on_gpu, on_host = WidthPlanner(gamma, cost), WidthPlanner(gamma, cost)
+    generator = torch.Generator().manual_seed(7)
+    steps = [(torch.randn((bs, gamma), generator=generator), torch.randint(0, v + 1, (bs,), generator=generator), v)
+             for bs, v in ((1, 7), (8, 3), (48, 7), (3, 1))]
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        for logits, accepted, verified in steps:
+            on_gpu.observe(logits.to(device), accepted.to(device), verified)
+        pinned = all(t.is_pinned() for _, c, a, _ in on_gpu._pending for t in (c, a))
+        no_sync = True
+    except RuntimeError as e:
+        pinned, no_sync = False, str(e)[:300]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    on_gpu.width(8)  # folds in the landed copies
+    for logits, accepted, verified in steps:
+        on_host.observe(logits, accepted, verified)
+    same = on_gpu.gains == on_host.gains and on_gpu.calibration() == on_host.calibration()
+    report.check("scheduled verification: the planner observes device steps without a sync (pinned host copies) "
+                 "and then computes what it computes from the same steps on the host", no_sync is True and pinned
+                 and same, {"no_sync": no_sync, "pinned": pinned, "gains": [on_gpu.gains, on_host.gains]})
+
+
 def _accept(drafts, logits, q, greedy, u, prefix, sampling):
     gamma = drafts.shape[1]
     accepted, bonus = accept.accept_drafts(drafts, logits, q, greedy, sampling, u[:, :gamma], u[:, gamma])
@@ -534,6 +566,7 @@ def main() -> int:
         for kind in ("vanilla", "rnn"):
             report.run(f"graph safety {kind}", lambda: check_graph_safety(report, kind))
         report.run("sync-free verify plan", lambda: check_sync_free_verify_plan(report))
+        report.run("planner observe", lambda: check_planner_observe(report))
     report.write()
     return 0 if report.ok else 1
 
