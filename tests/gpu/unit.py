@@ -30,7 +30,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Report  # noqa: E402
+from harness import Report, info  # noqa: E402
 
 from sglang_dspark import accept, timing  # noqa: E402
 from sglang_dspark.checkpoint import (  # noqa: E402
@@ -445,8 +445,9 @@ def check_sync_free_verify_plan(report: Report) -> None:
     plan (``fast_prefill_plan``) knows only upper bounds of the KV lengths, as DSPARK's worker plans them;
     the true lengths reach the kernel on the device. Compared row by row with a float32 reference attention
     (row j of a request attends to its first ``L - W + j + 1`` slots): exact without a KV split (what the
-    patch plans) for 1 and 8 rows per request; with the split, exact for one row per request but wrong in
-    some trial for 8 rows (the check can tell a misplaced layout from a right one). The product keeps one-row
+    patch plans) for 1 and 8 rows per request; with the split, exact for one row per request. 8 rows with the
+    split are recorded, not checked: wrong in 2 of 24 trials in one run (a misplaced layout when a bound crosses
+    a chunk boundary that the true length does not), right in all 24 of another. The product keeps one-row
     verifies unsplit too: a split's chunk size depends on the whole batch, so a request's logits would too
     (README, "KV split of the sync-free plan")."""
     from flashinfer import BatchPrefillWithPagedKVCacheWrapper
@@ -482,10 +483,10 @@ def check_sync_free_verify_plan(report: Report) -> None:
             workspace, "NHD", use_cuda_graph=True, backend="fa2", qo_indptr_buf=buffers[0],
             paged_kv_indptr_buf=buffers[1], paged_kv_indices_buf=buffers[2], paged_kv_last_page_len_buf=buffers[3])
         qo_indptr = torch.arange(0, (bs + 1) * width, width, dtype=torch.int32)
-        errors = []
+        errors, lengths = [], torch.Generator().manual_seed(12)
         for trial in range(trials):
-            lens = torch.randint(width + 1, 4000, (bs,))
-            bounds = lens + torch.randint(0, 17, (bs,))  # the worker's bound: committed length + two blocks
+            lens = torch.randint(width + 1, 4000, (bs,), generator=lengths)
+            bounds = lens + torch.randint(0, 17, (bs,), generator=lengths)  # the worker's: committed + two blocks
             kv_indptr = torch.zeros(bs + 1, dtype=torch.int32)
             kv_indptr[1:] = lens.cumsum(0)
             bound_indptr = torch.zeros(bs + 1, dtype=torch.int32)
@@ -512,9 +513,10 @@ def check_sync_free_verify_plan(report: Report) -> None:
                      f"planned from upper bounds == reference (relative error < {tolerance})",
                      max(errors) < tolerance, {"worst_per_trial": errors})
     errors = worst_error(8, True)
-    report.check("sync-free verify plan: 8 rows per request with the KV split planned from upper bounds is wrong in "
-                 "some trial (why the default plans several rows without a split)",
-                 max(errors) >= tolerance, {"worst_per_trial": errors})
+    wrong = sum(e >= tolerance for e in errors)
+    report.data["results"]["sync_free_plan_8_rows_split"] = {"wrong_trials": wrong, "worst_per_trial": errors}
+    info("sync-free verify plan: 8 rows per request with the KV split planned from upper bounds (not what the "
+         "product plans), trials over tolerance", f"{wrong} of {len(errors)}")
 
 
 def check_planner_observe(report: Report) -> None:
@@ -529,10 +531,12 @@ def check_planner_observe(report: Report) -> None:
     generator = torch.Generator().manual_seed(7)
     steps = [(torch.randn((bs, gamma), generator=generator), torch.randint(0, v + 1, (bs,), generator=generator), v)
              for bs, v in ((1, 7), (8, 3), (48, 7), (3, 1))]
+    on_device = [(logits.to(device), accepted.to(device), verified) for logits, accepted, verified in steps]
+    torch.cuda.synchronize()
     try:
         torch.cuda.set_sync_debug_mode("error")
-        for logits, accepted, verified in steps:
-            on_gpu.observe(logits.to(device), accepted.to(device), verified)
+        for logits, accepted, verified in on_device:
+            on_gpu.observe(logits, accepted, verified)
         pinned = all(t.is_pinned() for _, c, a, _ in on_gpu._pending for t in (c, a))
         no_sync = True
     except RuntimeError as e:
