@@ -21,7 +21,7 @@ requests, no radix cache, ``--mem-fraction-static 0.15``, input ids in, no token
 Parts (one results file ``$OUT/issue6.json``, rewritten after each part):
 
 a. goodput: HumanEval prompts (``harness.HUMANEVAL``, fixture tokenizer), greedy, ``ignore_eos``, 256 new tokens,
-   concurrency 1, 8, 32, 64 (6, 32, 128, 256 requests; goodput = completion tokens / wall time), nospec, full and
+   concurrency 1, 8, 32, 64 (12, 32, 128, 256 requests; goodput = completion tokens / wall time), nospec, full and
    scheduled measured one server at a time. Checks: scheduled >= full x 0.97 and >= nospec x 0.97 at every
    concurrency, each ratio the median over rounds of two points measured back to back in one round (best-of-rounds
    ratios recorded too); the gain of scheduled over full at 64 is stated. Accept lengths
