@@ -15,7 +15,8 @@ time ``overhead + draft_ms(bs) [any draft] + verify_ms(tokens)``:
   request's survivals fall with ``k``, so this keeps every request's verified drafts a prefix).
 
 Reported per batch size: committed tokens per ms that the logged acceptances give each policy (and full
-verification, and no drafts), and the per-request / per-step ratio. Both choose from the current step's
+verification, no drafts, and an ``oracle`` that verifies exactly each request's accepted drafts, or none where
+drafting does not pay: what per-request lengths could give with perfect foresight), and the per-request / per-step and oracle / per-step ratios. Both choose from the current step's
 confidences; the server's per-step width uses earlier steps' (it cannot wait for these), so this is the gain
 of per-request lengths at equal information, an upper bound of what a lagged per-request choice could add.
 
@@ -98,6 +99,15 @@ def per_request(survival: torch.Tensor, accepted: torch.Tensor, cost: CostProfil
     return float(bs + torch.minimum(accepted, lengths).sum()), step_ms(cost, overhead_ms, bs, n)
 
 
+def oracle(accepted: torch.Tensor, cost: CostProfile, overhead_ms: float) -> tuple[float, float]:
+    """(committed tokens, ms) with foresight: verifying exactly the drafts each request accepts (every verified
+    draft commits), or not drafting at all where that is faster."""
+    bs, drafts = accepted.shape[0], int(accepted.sum())
+    exact = float(bs + drafts), step_ms(cost, overhead_ms, bs, drafts)
+    plain = float(bs), step_ms(cost, overhead_ms, bs, 0)
+    return max(exact, plain, key=lambda p: p[0] / p[1])
+
+
 def fixed(accepted: torch.Tensor, cost: CostProfile, overhead_ms: float, drafts: int) -> tuple[float, float]:
     bs = accepted.shape[0]
     return float(bs + accepted.clamp(max=drafts).sum()), step_ms(cost, overhead_ms, bs, bs * drafts)
@@ -121,7 +131,8 @@ def compare(confidence: torch.Tensor, accepted: torch.Tensor, cost: CostProfile,
             s, a = survival[rows], accepted[rows]
             policies = {"per_step": per_step(s, a, cost, overhead_ms),
                         "per_request": per_request(s, a, cost, overhead_ms),
-                        "full": fixed(a, cost, overhead_ms, gamma), "none": fixed(a, cost, overhead_ms, 0)}
+                        "full": fixed(a, cost, overhead_ms, gamma), "none": fixed(a, cost, overhead_ms, 0),
+                        "oracle": oracle(a, cost, overhead_ms)}
             if lagged is not None:
                 policies["per_step_lagged"] = per_step(lagged[rows], a, cost, overhead_ms)
                 policies["per_request_lagged"] = per_request(lagged[rows], a, cost, overhead_ms)
@@ -132,6 +143,7 @@ def compare(confidence: torch.Tensor, accepted: torch.Tensor, cost: CostProfile,
         rates = {name: tokens / ms for name, (tokens, ms) in totals.items() if ms > 0}
         if rates:
             rates["per_request_over_per_step"] = rates["per_request"] / rates["per_step"]
+            rates["oracle_over_per_step"] = rates["oracle"] / rates["per_step"]
             if lagged is not None:
                 rates["lagged_per_request_over_per_step"] = rates["per_request_lagged"] / rates["per_step_lagged"]
             out[bs] = {k: round(v, 4) for k, v in rates.items()}

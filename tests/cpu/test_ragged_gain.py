@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmark" / "analysis"))
 
-from ragged_gain import calibrated_survival, compare, load_records, per_request, per_step  # noqa: E402
+from ragged_gain import calibrated_survival, compare, load_records, oracle, per_request, per_step  # noqa: E402
 
 from sglang_dspark.cost_profile import CostProfile  # noqa: E402
 
@@ -44,6 +44,13 @@ def test_compare_reports_every_batch_size_and_the_ratio():
     assert sorted(out) == [1, 8, 32]
     for rates in out.values():
         assert abs(rates["per_request_over_per_step"] - rates["per_request"] / rates["per_step"]) < 1e-3
+        assert rates["oracle"] >= rates["per_request"]  # foresight: every verified draft commits
+
+
+def test_oracle_verifies_exactly_the_accepted_drafts():
+    tokens, ms = oracle(torch.tensor([3, 0, 1]), COST, 0.5)
+    assert (tokens, round(ms, 6)) == (7.0, round(0.5 + 1.0 + 1.1 + 0.6, 6))  # 3 + 4 drafts: 7 tokens verified
+    assert oracle(torch.tensor([1, 0, 0]), COST, 0.5) == (3.0, pytest.approx(0.5 + 1.1 + 0.2))  # a draft pass not worth one token
 
 
 def test_lagged_records_pair_each_request_with_its_previous_drafted_step(tmp_path):
