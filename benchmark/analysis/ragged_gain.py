@@ -24,7 +24,11 @@ of per-request lengths at equal information, an upper bound of what a lagged per
 lagged choice: only fully verified records whose request has an earlier drafted record are kept, and both
 policies choose from the survivals of that earlier record (the previous drafted step's head, the only
 information a sync-free server has when it plans), scored with the current record's acceptance
-(``per_step_lagged``, ``per_request_lagged``, their ratio).
+(``per_step_lagged``, ``per_request_lagged``, their ratio). It also scores per-request lengths from each request's
+own acceptance history instead of its head (``per_request_history``: survival of position ``k`` = a decayed mean of
+``[a > k]`` over the request's earlier drafted steps, decay ``HISTORY_DECAY``), and both per-request choices
+``_bucketed``: the total of verified tokens a multiple of the batch size, what a server replaying its per-width
+CUDA graphs as buckets of total tokens could run.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import json
 import random
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -44,23 +48,41 @@ from benchmark.tiny.data import read_jsonl  # noqa: E402
 from sglang_dspark.cost_profile import CostProfile  # noqa: E402
 
 
-def load_records(path: Path, lagged: bool = False) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Fully verified records -> (confidences float ``[n, gamma]``, accepted int ``[n]``, and with ``lagged`` the
-    confidences of each one's request at its previous drafted step ``[n, gamma]``, records without one left
-    out; else None)."""
+HISTORY_DECAY = 0.7
+
+
+class Records(NamedTuple):
+    confidence: torch.Tensor  # float64 [n, gamma]
+    accepted: torch.Tensor  # int64 [n]
+    previous: Optional[torch.Tensor]  # float64 [n, gamma]: the request's confidences one drafted step earlier
+    history: Optional[torch.Tensor]  # float64 [n, gamma]: decayed mean of [a > k] over the request's earlier steps
+
+
+def load_records(path: Path, lagged: bool = False) -> Records:
+    """Fully verified records; with ``lagged`` only those whose request has an earlier drafted record, with
+    that record's confidences and the request's acceptance history (else both None)."""
     rows = read_jsonl(path)
     gamma = max(len(r["confidence"]) for r in rows)
     previous: dict[str, list[float]] = {}
-    kept, earlier = [], []
+    history: dict[str, torch.Tensor] = {}
+    kept, earlier, past = [], [], []
     for r in sorted(rows, key=lambda r: r["step"]) if lagged else rows:
-        if r["verified"] == gamma and (not lagged or r["rid"] in previous):
+        rid = r.get("rid")
+        if r["verified"] == gamma and (not lagged or rid in previous):
             kept.append(r)
-            earlier.append(previous.get(r.get("rid")))
+            earlier.append(previous.get(rid))
+            past.append(history[rid].cummin(0).values if lagged else None)  # survivals never rise with k
         if lagged:
-            previous[r["rid"]] = r["confidence"]
-    return (torch.tensor([r["confidence"] for r in kept], dtype=torch.float64),
-            torch.tensor([r["accepted"] for r in kept], dtype=torch.int64),
-            torch.tensor(earlier, dtype=torch.float64) if lagged else None)
+            previous[rid] = r["confidence"]
+            # A position the step did not verify says nothing: only positions up to ``verified`` are updated.
+            reached = torch.arange(gamma) < r["verified"]
+            hit = (torch.arange(gamma) < r["accepted"]).double()
+            old = history.get(rid, hit)
+            history[rid] = torch.where(reached, HISTORY_DECAY * old + (1 - HISTORY_DECAY) * hit, old)
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.float64) if lagged else None  # noqa: E731
+    return Records(torch.tensor([r["confidence"] for r in kept], dtype=torch.float64),
+                   torch.tensor([r["accepted"] for r in kept], dtype=torch.int64), as_tensor(earlier),
+                   torch.stack(past) if lagged and past else None)
 
 
 def calibrated_survival(confidence: torch.Tensor, accepted: torch.Tensor,
@@ -87,12 +109,15 @@ def per_step(survival: torch.Tensor, accepted: torch.Tensor, cost: CostProfile, 
     return float(bs + accepted.clamp(max=w).sum()), step_ms(cost, overhead_ms, bs, bs * w)
 
 
-def per_request(survival: torch.Tensor, accepted: torch.Tensor, cost: CostProfile, overhead_ms: float) -> tuple[float, float]:
-    """(committed tokens, ms) of the best per-request lengths: the n largest survivals of the batch."""
+def per_request(survival: torch.Tensor, accepted: torch.Tensor, cost: CostProfile, overhead_ms: float,
+                bucketed: bool = False) -> tuple[float, float]:
+    """(committed tokens, ms) of the best per-request lengths: the n largest survivals of the batch (``bucketed``:
+    n a multiple of the batch size)."""
     bs, gamma = survival.shape
     order = survival.flatten().argsort(descending=True)
     cumulative = torch.cat([torch.zeros(1, dtype=survival.dtype), survival.flatten()[order].cumsum(0)])
-    n = max(range(bs * gamma + 1), key=lambda n: (bs + float(cumulative[n])) / step_ms(cost, overhead_ms, bs, n))
+    sizes = range(0, bs * gamma + 1, bs if bucketed else 1)
+    n = max(sizes, key=lambda n: (bs + float(cumulative[n])) / step_ms(cost, overhead_ms, bs, n))
     lengths = torch.zeros(bs * gamma, dtype=torch.int64)
     lengths[order[:n]] = 1
     lengths = lengths.view(bs, gamma).sum(1)
@@ -114,10 +139,11 @@ def fixed(accepted: torch.Tensor, cost: CostProfile, overhead_ms: float, drafts:
 
 
 def compare(confidence: torch.Tensor, accepted: torch.Tensor, cost: CostProfile, overhead_ms: float,
-            batch_sizes: list[int], seed: int = 0,
-            previous: Optional[torch.Tensor] = None) -> dict[int, dict[str, float]]:
+            batch_sizes: list[int], seed: int = 0, previous: Optional[torch.Tensor] = None,
+            history: Optional[torch.Tensor] = None) -> dict[int, dict[str, float]]:
     """Committed tokens per ms per policy and batch size, over the records cut into batches; with ``previous``
-    (each record's request's confidences one drafted step earlier) also both policies choosing from those."""
+    (each record's request's confidences one drafted step earlier) also both policies choosing from those, and
+    with ``history`` (survivals from each request's earlier acceptances) per-request lengths from that."""
     survival = calibrated_survival(confidence, accepted)
     lagged = None if previous is None else calibrated_survival(confidence, accepted, previous)
     gamma = confidence.shape[1]
@@ -136,6 +162,10 @@ def compare(confidence: torch.Tensor, accepted: torch.Tensor, cost: CostProfile,
             if lagged is not None:
                 policies["per_step_lagged"] = per_step(lagged[rows], a, cost, overhead_ms)
                 policies["per_request_lagged"] = per_request(lagged[rows], a, cost, overhead_ms)
+                policies["per_request_lagged_bucketed"] = per_request(lagged[rows], a, cost, overhead_ms, True)
+            if history is not None:
+                policies["per_request_history"] = per_request(history[rows], a, cost, overhead_ms)
+                policies["per_request_history_bucketed"] = per_request(history[rows], a, cost, overhead_ms, True)
             for name, (tokens, ms) in policies.items():
                 total = totals.setdefault(name, [0.0, 0.0])
                 total[0] += tokens
@@ -144,8 +174,10 @@ def compare(confidence: torch.Tensor, accepted: torch.Tensor, cost: CostProfile,
         if rates:
             rates["per_request_over_per_step"] = rates["per_request"] / rates["per_step"]
             rates["oracle_over_per_step"] = rates["oracle"] / rates["per_step"]
-            if lagged is not None:
-                rates["lagged_per_request_over_per_step"] = rates["per_request_lagged"] / rates["per_step_lagged"]
+            for name in ("per_request_lagged", "per_request_lagged_bucketed", "per_request_history",
+                         "per_request_history_bucketed"):
+                if name in rates:  # against the per-step width at the same (lagged) information
+                    rates[f"{name}_over_per_step_lagged"] = rates[name] / rates["per_step_lagged"]
             out[bs] = {k: round(v, 4) for k, v in rates.items()}
     return out
 
@@ -160,9 +192,10 @@ def main() -> None:
     parser.add_argument("--lagged", action="store_true",
                         help="also choose from each request's previous drafted step (records with rid and step)")
     args = parser.parse_args()
-    confidence, accepted, previous = load_records(args.records, args.lagged)
-    result = compare(confidence, accepted, CostProfile.load(str(args.cost_profile)), args.overhead_ms,
-                     [int(b) for b in args.batch_sizes.split(",")], args.seed, previous)
+    records = load_records(args.records, args.lagged)
+    accepted = records.accepted
+    result = compare(records.confidence, accepted, CostProfile.load(str(args.cost_profile)), args.overhead_ms,
+                     [int(b) for b in args.batch_sizes.split(",")], args.seed, records.previous, records.history)
     print(json.dumps({"records": len(accepted), "mean_accepted": round(float(accepted.double().mean()), 3),
                       "overhead_ms": args.overhead_ms, "committed_tokens_per_ms": result}, indent=1))
 

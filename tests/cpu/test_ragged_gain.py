@@ -47,6 +47,19 @@ def test_compare_reports_every_batch_size_and_the_ratio():
         assert rates["oracle"] >= rates["per_request"]  # foresight: every verified draft commits
 
 
+def test_bucketed_lengths_verify_a_multiple_of_the_batch_size():
+    """Two requests, survivals 1 and 0: unbucketed the best is the good request's 4 drafts alone; bucketed the
+    total must be 0, 2, 4, ... drafts, and 4 it is (all of the good request's)."""
+    survival = torch.tensor([[1.0] * 4, [0.0] * 4], dtype=torch.float64)
+    accepted = torch.tensor([4, 0])
+    assert per_request(survival, accepted, COST, 0.0, bucketed=True) == per_request(survival, accepted, COST, 0.0)
+    survival = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0] * 4], dtype=torch.float64)
+    accepted = torch.tensor([3, 0])
+    tokens, ms = per_request(survival, accepted, COST, 0.0)
+    tokens_b, ms_b = per_request(survival, accepted, COST, 0.0, bucketed=True)
+    assert (tokens, round(ms, 6)) == (5.0, 2.5) and (tokens_b, round(ms_b, 6)) == (5.0, 2.6)  # 3 drafts vs 4
+
+
 def test_oracle_verifies_exactly_the_accepted_drafts():
     tokens, ms = oracle(torch.tensor([3, 0, 1]), COST, 0.5)
     assert (tokens, round(ms, 6)) == (7.0, round(0.5 + 1.0 + 1.1 + 0.6, 6))  # 3 + 4 drafts: 7 tokens verified
@@ -61,11 +74,14 @@ def test_lagged_records_pair_each_request_with_its_previous_drafted_step(tmp_pat
             {"confidence": [0.5, 0.6], "accepted": 2, "verified": 2, "rid": "a", "step": 1},  # logged out of order
             {"confidence": [0.9, 0.9], "accepted": 0, "verified": 2, "rid": "b", "step": 1}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    confidence, accepted, previous = load_records(path, lagged=True)
+    confidence, accepted, previous, history = load_records(path, lagged=True)
     assert confidence.tolist() == [[0.5, 0.6], [0.9, 0.9], [0.7, 0.8]] and accepted.tolist() == [2, 0, 2]
     assert previous.tolist() == [[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]]
-    confidence, accepted, previous = load_records(path)  # every fully verified record, no pairing
-    assert len(accepted) == 4 and previous is None
+    # a: accepted 1 then 2 -> [1, 0] then 0.7 * [1, 0] + 0.3 * [1, 1]; b: 0 of 1 verified, position 2 unknown
+    # (kept at its first value, 0) -> survivals never rise with the position
+    assert torch.allclose(history, torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 0.3]], dtype=torch.float64))
+    records = load_records(path)  # every fully verified record, no pairing
+    assert len(records.accepted) == 4 and records.previous is None and records.history is None
 
 
 def test_lagged_policies_equal_the_current_ones_on_unchanged_heads():
@@ -80,5 +96,5 @@ def test_lagged_policies_equal_the_current_ones_on_unchanged_heads():
     accepted = (confidence > 0.3).long().cumprod(-1).sum(-1)
     stale = compare(confidence, accepted, COST, 0.5, [32], previous=confidence.flip(0))[32]
     assert stale["per_request_lagged"] < stale["per_request"]
-    assert stale["lagged_per_request_over_per_step"] == pytest.approx(
+    assert stale["per_request_lagged_over_per_step_lagged"] == pytest.approx(
         stale["per_request_lagged"] / stale["per_step_lagged"], abs=1e-3)
