@@ -18,7 +18,10 @@ verify every draft (``--speculative-dspark-verify full``), as SGLang 0.5.17 does
 them again with confidence-scheduled verification, the product's default (named ``acc1-sched`` etc.), and
 ``--sync`` (ours) with ``SGLANG_DSPARK_NO_SEQ_LENS_SYNC=0``, attention planned from the host lengths the
 scheduler waits for (``acc1-sync`` etc.; with ``--scheduled`` also ``acc1-sched-sync`` etc.). Results files
-from before the sync-free plan was the default name the sync-free settings ``-nosync`` instead. Scheduled
+from before the sync-free plan was the default name the sync-free settings ``-nosync`` instead. ``--ragged`` (ours)
+adds the scheduled settings again with per-request verify lengths (``SGLANG_DSPARK_PER_REQUEST_LENGTHS=1``,
+named ``acc1-ragged`` etc.; under simulated acceptance every request is alike, so these measure the mechanism's
+cost, not what per-request lengths gain). Scheduled
 settings load one cost profile, measured first on the idle GPU by the profiler command (``python -m
 sglang_dspark.cost_profile server``), so that no server times its graphs while others start next to it.
 
@@ -79,7 +82,8 @@ def with_host_lengths(rows: list[Setting]) -> list[Setting]:
     return [(f"{name}-sync", {**env, "SGLANG_DSPARK_NO_SEQ_LENS_SYNC": "0"}, extra) for name, env, extra in rows]
 
 
-def settings(engine: str, breakdown: bool, sync: bool = False, scheduled: bool = False) -> list[Setting]:
+def settings(engine: str, breakdown: bool, sync: bool = False, scheduled: bool = False,
+             ragged: bool = False) -> list[Setting]:
     """(name, server env, extra DSPARK flags) per setting; "baseline" is no speculation."""
     ours = engine == "ours"
     card = ({"SGLANG_DSPARK_SIMULATE_ACC_PROFILE": ",".join(map(str, CARD_PROFILE))} if ours
@@ -96,6 +100,8 @@ def settings(engine: str, breakdown: bool, sync: bool = False, scheduled: bool =
     if scheduled and ours:
         sched = [(f"{name}-sched", env, []) for name, env, _ in dspark]
         rows += sched + (with_host_lengths(sched) if sync else [])
+    if ragged and ours:
+        rows += [(f"{name}-ragged", {**env, "SGLANG_DSPARK_PER_REQUEST_LENGTHS": "1"}, []) for name, env, _ in dspark]
     return rows
 
 
@@ -185,6 +191,8 @@ def main() -> int:
     parser.add_argument("--scheduled", action="store_true",
                         help="ours: add acc1/acc3/acc2/card/dummy with scheduled verification "
                              "(the default without FULL flags)")
+    parser.add_argument("--ragged", action="store_true",
+                        help="ours: add acc1/acc3/acc2/card/dummy with per-request verify lengths (experimental)")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds from start for the whole run")
     parser.add_argument("--wave", type=int, default=3, help="servers started together")
     parser.add_argument("--trace", type=int, default=0, help="a concurrency whose points get a GPU kernel trace")
@@ -194,7 +202,7 @@ def main() -> int:
     t0 = float(os.environ.get("PERF_T0", time.time()))
     deadline = t0 + args.budget
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    rows = settings(args.engine, args.breakdown, args.sync, args.scheduled)
+    rows = settings(args.engine, args.breakdown, args.sync, args.scheduled, args.ragged)
     if args.only:
         keep = set(args.only.split(","))
         rows = [r for r in rows if r[0] in keep]

@@ -208,8 +208,18 @@ def _leading_true(mask: torch.Tensor) -> torch.Tensor:
 def greedy_accept(drafts: torch.Tensor, target_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """drafts int64 ``[bs, gamma]``, target logits ``[bs, gamma + 1, V]`` -> (accepted ``a`` int64 ``[bs]``,
     bonus ``argmax logits_a`` int64 ``[bs]``)."""
-    top1 = target_logits.argmax(dim=-1)
-    accepted = _leading_true(drafts == top1[:, :-1])
+    return greedy_accept_top1(drafts, target_logits.argmax(dim=-1))
+
+
+def greedy_accept_top1(
+    drafts: torch.Tensor, top1: torch.Tensor, verified: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``greedy_accept`` from the target's argmax tokens int64 ``[bs, gamma + 1]``; ``verified`` int64 ``[bs]``
+    caps the drafts verified per request (default: all ``gamma``)."""
+    match = drafts == top1[:, :-1]
+    if verified is not None:
+        match &= torch.arange(drafts.shape[1], device=drafts.device) < verified[:, None]
+    accepted = _leading_true(match)
     return accepted, top1.gather(1, accepted.unsqueeze(1)).squeeze(1)
 
 
@@ -219,21 +229,27 @@ def rejection_accept(
     draft_probs: torch.Tensor,
     coins: torch.Tensor,
     bonus_u: torch.Tensor,
+    verified: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact chain speculative sampling.
 
     drafts int64 ``[bs, gamma]``; target_probs ``p`` ``[bs, gamma + 1, V]``; draft_probs ``q``
-    ``[bs, gamma, V]``; coins ``[bs, gamma]`` and bonus_u ``[bs]`` uniforms in ``[0, 1)``
+    ``[bs, gamma, V]``; coins ``[bs, gamma]`` and bonus_u ``[bs]`` uniforms in ``[0, 1)``; ``verified`` int64
+    ``[bs]``: drafts verified per request ``v`` (default all ``gamma``; drafts past ``v`` are never accepted and
+    after ``v`` accepted the bonus is drawn from ``p_v``, as if the block had ``v`` drafts)
     -> (accepted int64 ``[bs]``, bonus int64 ``[bs]``).
     """
     bs, gamma = drafts.shape
     index = drafts.unsqueeze(-1)
     p_x = target_probs[:, :gamma].gather(-1, index).squeeze(-1)
     q_x = draft_probs.gather(-1, index).squeeze(-1)
-    accepted = _leading_true(coins * q_x < p_x)
+    passed = coins * q_x < p_x
+    if verified is not None:
+        passed &= torch.arange(gamma, device=drafts.device) < verified[:, None]
+    accepted = _leading_true(passed)
     rows = torch.arange(bs, device=drafts.device)
     p_a = target_probs[rows, accepted].float()
-    rejected = (accepted < gamma).unsqueeze(-1)
+    rejected = (accepted < (gamma if verified is None else verified)).unsqueeze(-1)
     q_a = draft_probs[rows, accepted.clamp(max=gamma - 1)].float() * rejected
     residual = (p_a - q_a).clamp_min(0.0)
     usable = residual.sum(dim=-1, keepdim=True) > RESIDUAL_MASS_EPS
@@ -249,19 +265,21 @@ def accept_drafts(
     sampling: TargetSampling | None,
     coins: torch.Tensor,
     bonus_u: torch.Tensor,
+    verified: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy rows by matching, the others by rejection sampling, in one batch.
 
     drafts ``[bs, gamma]``; target logits ``[bs, gamma + 1, V]``; draft probs ``[bs, gamma, V]``; greedy
     bool ``[bs]``; ``sampling`` None means an all-greedy batch (no probabilities are built); coins
-    ``[bs, gamma]``, bonus_u ``[bs]`` -> (accepted int64 ``[bs]``, bonus int64 ``[bs]``).
+    ``[bs, gamma]``, bonus_u ``[bs]``; ``verified`` int64 ``[bs]`` drafts verified per request (default all)
+    -> (accepted int64 ``[bs]``, bonus int64 ``[bs]``).
     """
-    greedy_accepted, greedy_bonus = greedy_accept(drafts, target_logits)
+    greedy_accepted, greedy_bonus = greedy_accept_top1(drafts, target_logits.argmax(dim=-1), verified)
     if sampling is None:
         return greedy_accepted, greedy_bonus
     bs, width, vocab = target_logits.shape
     probs = target_probs(target_logits.reshape(bs * width, vocab), sampling.repeat(width))
-    accepted, bonus = rejection_accept(drafts, probs.view(bs, width, vocab), draft_probs, coins, bonus_u)
+    accepted, bonus = rejection_accept(drafts, probs.view(bs, width, vocab), draft_probs, coins, bonus_u, verified)
     return torch.where(greedy, greedy_accepted, accepted), torch.where(greedy, greedy_bonus, bonus)
 
 

@@ -26,10 +26,18 @@ measured, so choosing it adds no host synchronisation:
   runner holds ``gamma + 1``), each with an attention backend of its own, and times them for the cost
   profile (``measure_profile``).
 
-Lossless: the width of a step depends only on earlier steps, never on the drafts it verifies, so greedy
-output is unchanged and rejection sampling stays exact for any width (spec D.2). One width per step, not a
-length per request: FlashInfer's verify plan (and so its CUDA graphs) fixes each request's query rows and
-output offsets on the host, where the confidences of the step being verified are not known without a sync.
+* Per-request lengths (experimental, ``ragged``): at 32 requests or more the planner may share the
+  ``bs * (W - 1)`` draft rows of a width-``W`` step out unevenly: to the largest survival estimates of the batch,
+  each request's own (a decayed mean of ``[a > k]`` over its earlier drafted steps; where a step did not verify
+  position ``k`` the estimate drifts toward the batch mean, so that a request kept short is tried again), ``W``
+  maximising the same expected tokens per ms. The step replays the width-``W`` graph with the rows laid out
+  request by request (``sglang_dspark.ragged``). Chosen from earlier steps' acceptances (the current step's
+  confidences would need a sync); on logged steps this gained about 3% at batch 32-64 over one width
+  (``benchmark/results/ragged-gain.json``, which also bounds what perfect foresight would give: 14-20%).
+
+Lossless: the width (and lengths) of a step depend only on earlier steps, never on the drafts it verifies, so
+greedy output is unchanged and rejection sampling stays exact for any width (spec D.2): a request verifying
+``n`` tokens is accepted exactly as a block of ``n - 1`` drafts.
 """
 
 from __future__ import annotations
@@ -59,17 +67,21 @@ class WidthPlanner:
 
     ``decay`` is per observed sample (0.99: the calibration follows roughly the last 100 requests that
     reached a position); ``probe`` is (first, largest) number of plain decode steps between two probes;
-    ``clock`` gives host seconds (the step overhead estimate).
+    ``clock`` gives host seconds (the step overhead estimate). ``ragged`` (experimental,
+    ``SGLANG_DSPARK_PER_REQUEST_LENGTHS=1``): at ``RAGGED_MIN_BS`` requests or more, ``plan`` also gives each
+    request its own verify length, from its acceptance history (module docstring).
     """
 
     OVERHEAD_DECAY = 0.9  # per step
     LOG_EVERY_S = 60.0  # a summary of the widths chosen, in the server log
     GAP_FACTOR, GAP_MS = 3.0, 20.0  # a gap longer than 3 x the predicted step + 20 ms was not one step (idle, prefill)
     MAX_PENDING = 8  # observed steps whose host copies are in flight
+    RAGGED_MIN_BS = 32  # per-request lengths lost 1% at batch 16 and gained 3% at 32-64 on logged steps
+    HISTORY_DECAY = 0.7  # per observed step of the request
 
     def __init__(
         self, gamma: int, cost: CostProfile, *, decay: float = 0.99,
-        probe: tuple[int, int] = (4, 128), clock: Callable[[], float] = time.perf_counter,
+        probe: tuple[int, int] = (4, 128), clock: Callable[[], float] = time.perf_counter, ragged: bool = False,
     ) -> None:
         self.gamma = gamma
         self.cost = cost
@@ -84,9 +96,13 @@ class WidthPlanner:
         # Calibration sums per position, float32 [gamma], starting at one pseudo-observation of ratio 1.
         self.predicted = np.ones(gamma, dtype=np.float32)
         self.accepted = np.ones(gamma, dtype=np.float32)
-        # Observed steps whose host copies may not have landed: (event or None, confidence logits, accepted, verified).
-        self._pending: deque[tuple[Optional[torch.cuda.Event], torch.Tensor, torch.Tensor, int]] = deque()
+        # Observed steps whose host copies may not have landed: (event or None, confidence logits, accepted,
+        # verified, rids).
+        self._pending: deque[tuple[Any, torch.Tensor, torch.Tensor, Any, Optional[list[str]]]] = deque()
         self.gains: Optional[list[float]] = None  # G[W] for W = 0..gamma + 1 (index 0 unused); None: no data yet
+        self.ragged = ragged
+        self._mean_survival: Optional[np.ndarray] = None  # [gamma]: the last observed batch's calibrated mean
+        self._history: dict[str, np.ndarray] = {}  # rid -> [gamma] survival estimate from its own acceptances
         self._plain_steps = 0
         self._probe_every = self.probe_first
 
@@ -110,9 +126,15 @@ class WidthPlanner:
 
     def width(self, bs: int) -> int:
         """The verify width (``1..gamma + 1``) of the next step of ``bs`` requests: host only, no sync."""
+        return self.plan(bs)[0]
+
+    def plan(self, bs: int, rids: Optional[Sequence[str]] = None) -> tuple[int, Optional[list[int]]]:
+        """(width ``W``, per-request verify lengths or None) of the next step of the requests ``rids`` (``bs``):
+        host only, no sync. Lengths (``1..gamma + 1`` each, summing to ``bs * W``) only when ``ragged`` and they
+        differ; the step then runs the width-``W`` verify graph with its rows shared out unevenly."""
         self._poll()
         self._time_step()
-        width = self._choose(bs)
+        width, lengths = self._choose(bs, rids)
         now = self.clock()
         self._last_step = (now, self._gpu_ms(bs)[width])
         self.widths[width] += 1
@@ -120,7 +142,7 @@ class WidthPlanner:
             logger.info("DSPARK scheduled verification: %s", self.summary())
             self.widths.clear()
             self._logged_at = now
-        return width
+        return width, lengths
 
     def summary(self) -> str:
         """Widths chosen since the last summary (share of steps), the overhead estimate and the expected accepted
@@ -141,34 +163,55 @@ class WidthPlanner:
             sample = max(gap - predicted, 0.0)
             self.overhead_ms = self.OVERHEAD_DECAY * self.overhead_ms + (1 - self.OVERHEAD_DECAY) * sample
 
-    def _choose(self, bs: int) -> int:
+    def _choose(self, bs: int, rids: Optional[Sequence[str]]) -> tuple[int, Optional[list[int]]]:
         if self.gains is None:  # nothing measured yet: verify everything
-            return self.gamma + 1
-        best = max(range(1, self.gamma + 2), key=lambda w: self.theta(bs, w, self.gains))
+            return self.gamma + 1, None
+        lengths = None
+        if self.ragged and rids is not None and bs >= self.RAGGED_MIN_BS and self._mean_survival is not None:
+            best, lengths = self._ragged(bs, rids)
+        else:
+            best = max(range(1, self.gamma + 2), key=lambda w: self.theta(bs, w, self.gains))
         if best > 1:
             self._plain_steps, self._probe_every = 0, self.probe_first
-            return best
+            return best, lengths
         self._plain_steps += 1
         if self._plain_steps < self._probe_every:
-            return 1
+            return 1, None
         self._plain_steps, self._probe_every = 0, min(2 * self._probe_every, self.probe_max)
-        return 2
+        return 2, None
+
+    def _ragged(self, bs: int, rids: Sequence[str]) -> tuple[int, Optional[list[int]]]:
+        """Width ``W`` and lengths: the ``bs * (W - 1)`` draft rows go to the largest survival estimates of the
+        batch (each request's own history, the batch mean for a request without one; survivals fall with the
+        position, so every request's rows are a prefix), ``W`` maximising expected committed tokens per ms."""
+        survival = np.stack([self._history.get(rid, self._mean_survival) for rid in rids])  # [bs, gamma]
+        order = np.argsort(-survival, axis=None, kind="stable")
+        expected = np.concatenate(([0.0], np.cumsum(survival.reshape(-1)[order])))
+        best = max(range(1, self.gamma + 2),
+                   key=lambda w: (bs + expected[bs * (w - 1)]) / self.step_ms(bs, w))
+        drafts = np.bincount(order[: bs * (best - 1)] // self.gamma, minlength=bs)
+        if best == 1 or (drafts == best - 1).all():
+            return best, None
+        return best, (drafts + 1).tolist()
 
     def _poll(self) -> None:
         """Fold in every observed step whose host copy has landed, oldest first (host only)."""
         while self._pending and (self._pending[0][0] is None or self._pending[0][0].query()):
-            _, confidence_logits, accepted, verified = self._pending.popleft()
-            self._fold(confidence_logits.numpy(), accepted.numpy(), verified)
+            _, confidence_logits, accepted, verified, rids = self._pending.popleft()
+            self._fold(confidence_logits.numpy(), accepted.numpy(), verified, rids)
 
-    def observe(self, confidence_logits: torch.Tensor, accepted: torch.Tensor, verified: int) -> None:
-        """After a step that verified ``verified`` (>= 1) drafts per request: copy the head's logits float
-        ``[bs, gamma]`` and the accepted counts int ``[bs]`` to the host without blocking; a later ``width``
-        folds them in once they have landed. While ``MAX_PENDING`` copies are still in flight (a device far
-        behind the host) the step is left out."""
+    def observe(self, confidence_logits: torch.Tensor, accepted: torch.Tensor, verified: int | Sequence[int],
+                rids: Optional[Sequence[str]] = None) -> None:
+        """After a drafted step: copy the head's logits float ``[bs, gamma]`` and the accepted counts int ``[bs]``
+        to the host without blocking; a later ``plan`` folds them in once they have landed. ``verified``: the
+        drafts verified per request (one number for all, or one each, >= 1); ``rids``: the requests, for their
+        histories (``ragged``). While ``MAX_PENDING`` copies are still in flight (a device far behind the host)
+        the step is left out."""
         if len(self._pending) >= self.MAX_PENDING:
             return
+        rids = list(rids) if self.ragged and rids is not None else None
         if not accepted.is_cuda:
-            self._pending.append((None, confidence_logits.float(), accepted, verified))
+            self._pending.append((None, confidence_logits.float(), accepted, verified, rids))
             self._poll()
             return
         host = []
@@ -177,20 +220,34 @@ class WidthPlanner:
             host[-1].copy_(t, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        self._pending.append((event, host[0], host[1], verified))
+        self._pending.append((event, host[0], host[1], verified, rids))
 
-    def _fold(self, confidence_logits: np.ndarray, accepted: np.ndarray, verified: int) -> None:
-        """Update the calibration with one step (logits ``[bs, gamma]``, accepted ``[bs]``) and recompute ``G``."""
+    def _fold(self, confidence_logits: np.ndarray, accepted: np.ndarray, verified: int | Sequence[int],
+              rids: Optional[list[str]]) -> None:
+        """Update the calibration (and the requests' histories) with one step (logits ``[bs, gamma]``, accepted
+        ``[bs]``) and recompute ``G``."""
         confidence = 1.0 / (1.0 + np.exp(-confidence_logits))  # float32 [bs, gamma]
-        positions = np.arange(verified)
-        reached = positions <= accepted[:, None]  # [bs, verified]: drafts 1..k-1 were accepted
+        positions = np.arange(self.gamma)
+        seen = positions < np.broadcast_to(np.asarray(verified), accepted.shape)[:, None]  # [bs, gamma]: verified
+        reached = seen & (positions <= accepted[:, None])  # drafts 1..k-1 were accepted
         hits = positions < accepted[:, None]
-        keep = np.float32(self.decay) ** reached.sum(0)  # [verified]: decay per sample seen at each position
-        self.predicted[:verified] = self.predicted[:verified] * keep + (confidence[:, :verified] * reached).sum(0)
-        self.accepted[:verified] = self.accepted[:verified] * keep + hits.sum(0)
+        keep = np.float32(self.decay) ** reached.sum(0)  # [gamma]: decay per sample seen at each position
+        self.predicted *= keep
+        self.predicted += (confidence * reached).sum(0)
+        self.accepted *= keep
+        self.accepted += hits.sum(0)
         ratio = self.accepted / self.predicted  # [gamma]
         survival = np.minimum(confidence * ratio, 1.0).cumprod(axis=-1)  # [bs, gamma]
         self.gains = [0.0, 0.0] + survival.cumsum(axis=-1).mean(axis=0).tolist()  # G[W]: W - 1 drafts verified
+        self._mean_survival = survival.mean(axis=0)
+        if rids is not None:
+            # Survival of position k: a decayed mean of [a > k] where the step verified k, and where it did not
+            # (a shorter length) drifting toward the batch mean, so that a request kept short is tried again.
+            old = np.stack([self._history.get(rid, self._mean_survival) for rid in rids])
+            target = np.where(seen, hits, self._mean_survival)
+            new = np.minimum.accumulate(self.HISTORY_DECAY * old + (1 - self.HISTORY_DECAY) * target, axis=1)
+            # Requests not in this step have finished (every running request is in every drafted step).
+            self._history = dict(zip(rids, new))
 
     def calibration(self) -> list[float]:
         """Measured / predicted acceptance per position (as far as the landed copies go)."""
@@ -315,13 +372,14 @@ class CalibrationLog:
         path = env.get(CALIBRATION_LOG_ENV)
         return cls(path) if path else None
 
-    def write(self, confidence_logits: torch.Tensor, accepted: torch.Tensor, verified: int,
+    def write(self, confidence_logits: torch.Tensor, accepted: torch.Tensor, verified: int | Sequence[int],
               rids: Sequence[str]) -> None:
-        """confidence_logits float ``[bs, gamma]``, accepted int ``[bs]``, ``verified`` drafts per request, the
-        requests' ids (``bs``)."""
+        """confidence_logits float ``[bs, gamma]``, accepted int ``[bs]``, drafts verified per request (one number
+        for all, or one each), the requests' ids (``bs``)."""
         confidence = torch.sigmoid(confidence_logits.float()).tolist()
-        for row, a, rid in zip(confidence, accepted.tolist(), rids):
-            record = {"confidence": [round(c, 5) for c in row], "accepted": int(a), "verified": verified,
+        per_request = [verified] * len(rids) if isinstance(verified, int) else verified
+        for row, a, v, rid in zip(confidence, accepted.tolist(), per_request, rids):
+            record = {"confidence": [round(c, 5) for c in row], "accepted": int(a), "verified": int(v),
                       "rid": str(rid), "step": self._steps}
             self._file.write(json.dumps(record) + "\n")
         self._steps += 1

@@ -18,7 +18,8 @@ length ``P`` and pending bonus token ``x_0`` per request (no host synchronisatio
    with the aux hidden states of the draft's target layers captured. ``W = gamma + 1`` with
    ``--speculative-dspark-verify full``; with ``scheduled`` (the default with a confidence head) the width of
    the step is chosen on the host from earlier steps (``sglang_dspark.verify_width``), and ``W = 1`` skips
-   step 2 (a plain decode step);
+   step 2 (a plain decode step); with ``SGLANG_DSPARK_PER_REQUEST_LENGTHS=1`` (experimental) the rows of a
+   width-``W`` verify may be shared out unevenly, one length per request (``sglang_dspark.ragged``);
 4. accept: greedy matching for ``top_k <= 1`` requests, exact rejection sampling for the others, in one
    batch (``sglang_dspark.accept``); or simulated acceptance when the environment asks for it;
 5. publish ``P + a + 1``, write the draft context K/V of the ``a + 1`` committed positions from the
@@ -60,12 +61,14 @@ from sglang_dspark.accept import (
     TargetSampling,
     accept_drafts,
     commit_layout,
+    greedy_accept_top1,
     target_token_at,
 )
 from sglang_dspark.config import DSparkConfig
 from sglang_dspark.cost_profile import OUT_ENV as COST_PROFILE_OUT_ENV
 from sglang_dspark.cost_profile import CostProfile, builtin_profile
 from sglang_dspark.model import DSparkDraftModel
+from sglang_dspark.ragged import RaggedRows, RaggedVerifyInput
 from sglang_dspark.timing import CpuProfile, StepTimer
 from sglang_dspark.verify_width import (
     CalibrationLog,
@@ -79,6 +82,7 @@ logger = logging.getLogger("sglang_dspark")
 
 _DFLASH_LOGGER = "sglang.srt.speculative.dflash_worker_v2"
 NO_SEQ_LENS_SYNC_ENV = "SGLANG_DSPARK_NO_SEQ_LENS_SYNC"
+PER_REQUEST_LENGTHS_ENV = "SGLANG_DSPARK_PER_REQUEST_LENGTHS"
 
 
 class _DropDflashBlockSizeWarning(logging.Filter):
@@ -98,6 +102,20 @@ def _without_dflash_block_size_warning() -> Iterator[None]:
         yield
     finally:
         dflash_logger.removeFilter(drop)
+
+
+def _no_adjustments(batch: ScheduleBatch) -> bool:
+    """Whether SGLang's verify logit adjustments (``apply_dflash_verify_logits_adjustments``: custom logit
+    processors, penalties, vocab masks, logit bias) leave this batch's logits as they are."""
+    info = batch.sampling_info
+    if info is None:
+        return True
+    penalizer = getattr(info, "penalizer_orchestrator", None)
+    return not (
+        info.has_custom_logit_processor
+        or any(getattr(info, name, None) is not None for name in ("acc_linear_penalties", "vocab_mask", "logit_bias"))
+        or (penalizer is not None and penalizer.is_required)
+    )
 
 
 def gathered_vocab_rows(org_ranges: Sequence[tuple[int, int]], rows_per_rank: int, vocab: int) -> torch.Tensor:
@@ -291,7 +309,7 @@ class DSparkWorker(DFlashWorkerV2):
             return
         self._verify_graphs = VerifyGraphs(self.target_worker.model_runner, range(1, self.gamma + 1))
         cost = self._cost_profile()
-        self._planner = WidthPlanner(self.gamma, cost)
+        self._planner = WidthPlanner(self.gamma, cost, ragged=self._per_request_lengths())
         logger.info(
             "DSPARK scheduled verification: verify graphs for widths %s, cost profile %s (%s): verify %s ms at "
             "1/%d/%d tokens, draft %s ms at batch 1/%d",
@@ -299,6 +317,20 @@ class DSparkWorker(DFlashWorkerV2):
             "/".join(f"{cost.verify_ms(t):.2f}" for t in (1, 64, 512)), 64, 512,
             "/".join(f"{cost.draft_ms(b):.2f}" for b in (1, 64)), 64,
         )
+
+    def _per_request_lengths(self) -> bool:
+        """``SGLANG_DSPARK_PER_REQUEST_LENGTHS=1``: per-request verify lengths (experimental); not under
+        deterministic inference, whose verify plans each width's rows as decode rows."""
+        choice = os.environ.get(PER_REQUEST_LENGTHS_ENV, "")
+        if choice not in ("", "0", "1"):
+            raise ValueError(f"{PER_REQUEST_LENGTHS_ENV}: expected 0 or 1, found {choice!r}")
+        if choice != "1":
+            return False
+        if getattr(self.target_worker.model_runner.attn_backend, "verify_decode_rows", 0):
+            logger.warning("DSPARK: %s=1 ignored under --enable-deterministic-inference.", PER_REQUEST_LENGTHS_ENV)
+            return False
+        logger.info("DSPARK: per-request verify lengths on (experimental, %s=1).", PER_REQUEST_LENGTHS_ENV)
+        return True
 
     def _cost_profile(self) -> CostProfile:
         """--speculative-dspark-cost-profile: a file, the captured graphs timed now (auto), or the roofline
@@ -487,8 +519,10 @@ class DSparkWorker(DFlashWorkerV2):
         greedy, inv_temperature, sampling = self._sampling(batch, bs)
         draws = torch.rand((bs, 2 * gamma + 2), device=self.device)
 
-        # Verify width W (W - 1 drafts per request): chosen from earlier steps only (scheduled verification).
-        width = self.verify_width if self._planner is None else self._step_width(bs)
+        # Verify width W (W - 1 drafts per request), or per-request lengths summing to bs * W: chosen from earlier
+        # steps only (scheduled verification).
+        rids = [r.rid for r in batch.reqs] if self._planner is not None and self._planner.ragged else None
+        width, lengths = (self.verify_width, None) if self._planner is None else self._step_plan(bs, batch, rids)
         ids, positions, cache_loc = self._verify_window(batch, draft_input.bonus_tokens)
         timer.mark("prepare")
         block = None
@@ -503,39 +537,59 @@ class DSparkWorker(DFlashWorkerV2):
         elif self._tp_group is not None:  # a plain decode step: the bonus draws still come from rank 0
             draws, _ = self._from_tp_rank0(draws, self._lm_head_weight.new_empty((0,)))
         drafts = ids[:, 1:]  # [bs, gamma]; past the verified W - 1 never accepted
-        ids, positions, cache_loc = (t[:, :width].contiguous() for t in (ids, positions, cache_loc))
-        logits_output, can_run_cuda_graph = self._verify(batch, draft_input, ids, positions, cache_loc)
+        window = ids, positions, cache_loc  # each [bs, gamma + 1]
+        ragged = None if lengths is None else RaggedRows.build(lengths, gamma, self.device)
+        if ragged is None:
+            ids, positions, cache_loc = (t[:, :width].contiguous() for t in window)
+        else:  # the requests' rows one after the other; read back below as [bs, n] (n = the longest length)
+            ids, positions, cache_loc = (t.view(-1)[ragged.window_index] for t in window)
+        logits_output, can_run_cuda_graph = self._verify(batch, draft_input, ids, positions, cache_loc, ragged)
         timer.mark("verify")
 
-        logits = logits_output.next_token_logits
-        if batch.sampling_info is not None:
+        logits, hidden = logits_output.next_token_logits, logits_output.hidden_states
+        caps, top1 = None, None  # per-request drafts verified (ragged), the target's argmax per row
+        if ragged is not None:
+            width, caps = ragged.rows.shape[1], ragged.caps
+            if sampling is None and self._simulation is None and block is not None and _no_adjustments(batch):
+                top1 = logits.argmax(dim=-1)[ragged.rows]  # an all-greedy batch needs no [bs, n, V] copy
+            else:
+                logits = logits[ragged.rows.view(-1)]
+            positions, cache_loc = (t[:, :width].contiguous() for t in window[1:])
+            if hidden is not None:
+                hidden = hidden[ragged.rows.view(-1)]
+        if top1 is None and batch.sampling_info is not None:
             apply_dflash_verify_logits_adjustments(
                 next_token_logits=logits, sampling_info=batch.sampling_info, draft_token_num=width
             )
-        logits = logits.view(bs, width, -1)
-        if self._simulation is not None or block is None:
+        verified = width - 1
+        if top1 is not None:
+            accepted, bonus = greedy_accept_top1(block.tokens[:, :verified], top1, caps)
+        elif self._simulation is not None or block is None:
+            logits = logits.view(bs, width, -1)
             accepted = (
                 torch.zeros((bs,), dtype=torch.int64, device=self.device) if self._simulation is None
                 else self._simulation.accepted(draws[:, 2 * gamma + 1]).clamp(max=width - 1)
             )
+            if caps is not None:
+                accepted = torch.minimum(accepted, caps)
             bonus = target_token_at(logits, accepted, greedy, sampling, draws[:, 2 * gamma])
         else:
-            verified = width - 1
             accepted, bonus = accept_drafts(
-                block.tokens[:, :verified], logits, None if block.probs is None else block.probs[:, :verified],
-                greedy, sampling, draws[:, gamma : gamma + verified], draws[:, 2 * gamma],
+                block.tokens[:, :verified], logits.view(bs, width, -1),
+                None if block.probs is None else block.probs[:, :verified],
+                greedy, sampling, draws[:, gamma : gamma + verified], draws[:, 2 * gamma], caps,
             )
         layout = commit_layout(drafts, accepted, bonus, prefix_lens)
         if block is not None and block.confidence_logits is not None:
+            per_request = verified if ragged is None else [n - 1 for n in ragged.lengths]
             if self._planner is not None:
-                self._planner.observe(block.confidence_logits, accepted, width - 1)
+                self._planner.observe(block.confidence_logits, accepted, per_request, rids)
             if self._calibration_log is not None:
-                self._calibration_log.write(block.confidence_logits, accepted, width - 1, [r.rid for r in batch.reqs])
+                self._calibration_log.write(block.confidence_logits, accepted, per_request, [r.rid for r in batch.reqs])
         timer.mark("accept")
         if on_publish is not None:
             on_publish(layout.new_seq_lens)
 
-        hidden = logits_output.hidden_states
         if hidden is None:
             raise RuntimeError("DSPARK verify returned no target hidden states (aux capture is not set up).")
         self._append_target_hidden_to_draft_kv_by_loc(
@@ -558,14 +612,17 @@ class DSparkWorker(DFlashWorkerV2):
             new_seq_lens=layout.new_seq_lens,
         )
 
-    def _step_width(self, bs: int) -> int:
-        """The planner's verify width for this step; under TP, TP rank 0's, sent to the other ranks over the TP
-        group's CPU side (each rank's host clock and the moment its lagged copy of the gains lands differ; the
-        width must not)."""
-        width = self._planner.width(bs)
+    def _step_plan(
+        self, bs: int, batch: ScheduleBatch, rids: Optional[list[str]]
+    ) -> tuple[int, Optional[list[int]]]:
+        """The planner's verify width for this step and per-request lengths (or None); under TP, TP rank 0's,
+        sent to the other ranks over the TP group's CPU side (each rank's host clock and the moment its lagged
+        copy of the gains lands differ; the width must not). Lengths only for a batch whose logits need no
+        per-request adjustment (logit bias, penalties, custom logit processors apply per uniform row block)."""
+        plan = self._planner.plan(bs, rids if rids is not None and _no_adjustments(batch) else None)
         if self._tp_group is not None:
-            width = int(self._tp_group.broadcast_object(width, src=0))
-        return width
+            plan = self._tp_group.broadcast_object(plan, src=0)
+        return plan
 
     def _from_tp_rank0(self, draws: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """TP rank 0's uniforms (float32 ``[bs, 2 * gamma + 2]``) and draft hidden states (``[bs * gamma, d]``) on
@@ -645,11 +702,13 @@ class DSparkWorker(DFlashWorkerV2):
         return ids, positions, cache_loc
 
     def _host_seq_lens(
-        self, batch: ScheduleBatch, draft_input: DFlashDraftInputV2, width: int
+        self, batch: ScheduleBatch, draft_input: DFlashDraftInputV2, width: int,
+        lengths: Optional[Sequence[int]] = None,
     ) -> tuple[torch.Tensor, int]:
-        """Host KV lengths of a ``width``-token forward for attention planning, no sync: exact from the
-        scheduler's host mirror (committed + width), or, sync-free (``_plan_from_upper_bounds``), the reserved
-        upper bounds, which FlashInfer may only plan from without a KV split (patch 0010 sees to that).
+        """Host KV lengths of a ``width``-token forward (or of per-request ``lengths``) for attention planning, no
+        sync: exact from the scheduler's host mirror (committed + width), or, sync-free
+        (``_plan_from_upper_bounds``), the reserved upper bounds, which FlashInfer may only plan from without a
+        KV split (patch 0010 sees to that).
 
         Sync-free, the bounds are used whatever ``batch.seq_lens_cpu`` holds: the scheduler's resolve sets it
         to None, but returns early for a batch without future indices, leaving the seed of
@@ -660,7 +719,7 @@ class DSparkWorker(DFlashWorkerV2):
             return draft_input.reserved_seq_lens_cpu, int(draft_input.reserved_seq_lens_sum)
         if batch.seq_lens_cpu is None:
             raise RuntimeError("DSPARK decode needs the scheduler's host sequence lengths (batch.seq_lens_cpu).")
-        seq_lens_cpu = batch.seq_lens_cpu + width
+        seq_lens_cpu = batch.seq_lens_cpu + (width if lengths is None else torch.tensor(lengths))
         return seq_lens_cpu, int(seq_lens_cpu.sum())
 
     def _draft_backbone(
@@ -723,21 +782,21 @@ class DSparkWorker(DFlashWorkerV2):
         ids: torch.Tensor,
         positions: torch.Tensor,
         cache_loc: torch.Tensor,
+        ragged: Optional[RaggedRows] = None,
     ) -> tuple[LogitsProcessorOutput, bool]:
         """Target TARGET_VERIFY forward over ``[x_0, x_1..x_{W-1}]`` (ids, positions, cache slots int64 ``[bs, W]``,
-        ``W`` the step's verify width) -> (logits output with the captured hidden states, whether a target CUDA
-        graph ran). Widths below gamma + 1 replay their own graphs (``VerifyGraphs``)."""
-        width = ids.shape[1]
-        verify_input = DFlashVerifyInput(
-            draft_token=ids.view(-1),
-            positions=positions.view(-1),
-            draft_token_num=width,
-            custom_mask=None,
-            capture_hidden_mode=CaptureHiddenMode.FULL,
-        )
+        ``W`` the step's verify width; with ``ragged``, each flat ``[bs * W]`` in its row layout) -> (logits output
+        with the captured hidden states, whether a target CUDA graph ran). Widths below gamma + 1 replay their
+        own graphs (``VerifyGraphs``)."""
+        width = ids.shape[1] if ragged is None else ragged.width
+        fields = dict(draft_token=ids.view(-1), positions=positions.view(-1), draft_token_num=width,
+                      custom_mask=None, capture_hidden_mode=CaptureHiddenMode.FULL)
+        verify_input = DFlashVerifyInput(**fields) if ragged is None else RaggedVerifyInput(**fields, ragged=ragged)
         batch.out_cache_loc = cache_loc.view(-1)
         seq_lens_cpu, seq_lens_sum = batch.seq_lens_cpu, batch.seq_lens_sum
-        batch.seq_lens_cpu, batch.seq_lens_sum = self._host_seq_lens(batch, draft_input, width)
+        batch.seq_lens_cpu, batch.seq_lens_sum = self._host_seq_lens(
+            batch, draft_input, width, None if ragged is None else ragged.lengths
+        )
         graphs = self._verify_graphs.using(width) if self._verify_graphs is not None else contextlib.nullcontext()
         with graphs:
             try:

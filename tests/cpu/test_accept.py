@@ -185,6 +185,37 @@ def test_greedy_accept_matches_reference():
     assert torch.equal(accepted, ref.accepted) and torch.equal(bonus, ref.bonus)
 
 
+def test_verified_caps_act_as_a_shorter_block_per_request():
+    """Capped at ``v`` drafts, request ``b`` gets what a block of its first ``v`` drafts would get from the same
+    uniforms: greedy and rejection sampling, ``v`` from 0 (bonus only) to gamma."""
+    bs, gamma, vocab = 64, 5, 7
+    gen = torch.Generator().manual_seed(21)
+    logits = torch.randn(bs, gamma + 1, vocab, generator=gen)
+    q = torch.softmax(torch.randn(bs, gamma, vocab, generator=gen), -1)
+    greedy = torch.rand(bs, generator=gen) < 0.5
+    top1 = logits.argmax(-1)
+    drafts = torch.where(torch.rand(bs, gamma, generator=gen) < 0.8, top1[:, :gamma],
+                         torch.randint(0, vocab, (bs, gamma), generator=gen))
+    coins, bonus_u = torch.rand(bs, gamma, generator=gen), torch.rand(bs, generator=gen)
+    verified = torch.arange(bs) % (gamma + 1)
+    sampling = accept.TargetSampling(temperature=torch.full((bs,), 0.8), top_k=torch.zeros(bs, dtype=torch.int64),
+                                     top_p=torch.ones(bs), max_top_k=0, apply_top_k=False, apply_top_p=False)
+    got = accept_drafts(drafts, logits, q, greedy, sampling, coins, bonus_u, verified)
+    for b in range(bs):
+        v = int(verified[b])
+        one = slice(b, b + 1)
+        sub = accept.TargetSampling(temperature=sampling.temperature[one], top_k=sampling.top_k[one],
+                                    top_p=sampling.top_p[one], max_top_k=0, apply_top_k=False, apply_top_p=False)
+        if v:
+            want = accept_drafts(drafts[one, :v], logits[one, :v + 1], q[one, :v], greedy[one], sub, coins[one, :v],
+                                 bonus_u[one])
+        else:  # nothing verified: no draft accepted, the bonus is the target's own token at the anchor
+            zero = torch.zeros(1, dtype=torch.int64)
+            want = zero, accept.target_token_at(logits[one, :1], zero, greedy[one], sub, bonus_u[one])
+        assert (int(got[0][b]), int(got[1][b])) == (int(want[0]), int(want[1])), b
+    assert set(got[0].tolist()) - {0}  # some drafts were accepted
+
+
 def _random_pq(bs: int, gamma: int, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     p = torch.softmax(torch.randn(bs, gamma + 1, vocab, generator=gen) * 1.5, -1)

@@ -42,3 +42,6 @@ def test_settings(monkeypatch, tmp_path):
     assert rows["dummy-sched"] == ({}, []) and ours["dummy"] == ({}, perf.FULL)  # no simulation: drafts verified
     assert rows["acc1-sched"] == ({"SGLANG_SIMULATE_ACC_LEN": "1"}, [])  # the default: scheduled verification
     assert not any(n.endswith("-sched") for n, *_ in perf.settings("sglang-0.5.17", False, scheduled=True))
+    ragged = {n: (env, flags) for n, env, flags in perf.settings("ours", False, ragged=True) if n.endswith("-ragged")}
+    assert ragged["card-ragged"] == ({**ours["card"][0], "SGLANG_DSPARK_PER_REQUEST_LENGTHS": "1"}, [])
+    assert [perf.runs_scheduled(n, ragged[n][1]) for n in ragged] == [True] * 5

@@ -225,8 +225,9 @@ def check_worker_step(report: Report) -> None:
         return types.SimpleNamespace(
             return_logprob=False, spec_info=draft_input, seq_lens=torch.tensor(prefix), seq_lens_cpu=torch.tensor(prefix),
             seq_lens_sum=sum(prefix), req_pool_indices=torch.tensor([2, 0, 3]), sampling_info=info, out_cache_loc=None,
-            reqs=[types.SimpleNamespace(sampling_params=types.SimpleNamespace(top_k=int(k), top_p=1.0, min_p=0.0))
-                  for k in top_k])
+            reqs=[types.SimpleNamespace(rid=f"r{i}", sampling_params=types.SimpleNamespace(top_k=int(k), top_p=1.0,
+                                                                                          min_p=0.0))
+                  for i, k in enumerate(top_k)])
 
     by_accepted = {}
     for token in range(vocab):
@@ -297,15 +298,15 @@ def check_worker_step(report: Report) -> None:
         # Scheduled verification: the planner's width W verifies W - 1 drafts; W = 1 drafts nothing at all.
         worker._sampler, worker._simulation = None, None
 
-        class Planner:  # WidthPlanner's interface, with a fixed width
-            def __init__(self, width):
-                self.fixed, self.observed = width, []
+        class Planner:  # WidthPlanner's interface, with a fixed plan
+            def __init__(self, width, lengths=None):
+                self.fixed, self.lengths, self.observed, self.ragged = width, lengths, [], lengths is not None
 
-            def width(self, bs):
-                return self.fixed
+            def plan(self, bs, rids=None):
+                return self.fixed, self.lengths if rids is not None else None
 
-            def observe(self, confidence_logits, accepted, verified):
-                self.observed.append((tuple(confidence_logits.shape), accepted.tolist(), verified))
+            def observe(self, confidence_logits, accepted, verified, rids=None):
+                self.observed.append((tuple(confidence_logits.shape), accepted.tolist(), verified, rids))
 
         for width in (3, 1):
             worker._planner = planner = Planner(width)
@@ -320,11 +321,30 @@ def check_worker_step(report: Report) -> None:
                   and ("draft" in seen) == (width > 1)
                   and committed["positions"].view(3, width).tolist() == [[p + k for k in range(width)] for p in prefix]
                   and committed["commit_lens"].tolist() == result.accept_lens.tolist()
-                  and planner.observed == ([((3, gamma), want, width - 1)] if width > 1 else []))
+                  and planner.observed == ([((3, gamma), want, width - 1, None)] if width > 1 else []))
             report.check(f"worker step (scheduled width {width}): {width - 1} drafts verified"
                          + (", no draft pass" if width == 1 else ", planner observes the step"), ok,
                          None if ok else {"accept_lens": result.accept_lens.tolist(), "want": want, "out": out.tolist(),
                                           "observed": planner.observed})
+        # Per-request lengths: 2, 5 and 2 tokens (1, 4 and 1 drafts) in the 9 rows of a width-3 verify.
+        lengths, starts = [2, 5, 2], [0, 2, 7]
+        for name, greedy in (("greedy", [True] * 3), ("mixed", [True, False, False])):
+            worker._planner = planner = Planner(3, lengths)
+            result = worker._decode(batch(bonus, prefix, greedy), None)
+            want = [min(expected(b)[0], n - 1) for b, n in zip(bonus, lengths)]
+            out = result.next_token_ids.view(3, gamma + 1)
+            rows = [[int(x) for x in _chain(f, b, a + 1)] for b, a in zip(bonus, want)]
+            ids = seen["verify_ids"]
+            ok = (result.accept_lens.tolist() == [a + 1 for a in want]
+                  and all(out[i, : a + 1].tolist() == rows[i] for i, a in enumerate(want))
+                  and ids.shape == (9,) and ids[starts].tolist() == bonus
+                  and committed["positions"].view(3, 5).tolist() == [[p + k for k in range(5)] for p in prefix]
+                  and committed["commit_lens"].tolist() == result.accept_lens.tolist()
+                  and planner.observed == [((3, gamma), want, [1, 4, 1], ["r0", "r1", "r2"])])
+            report.check(f"worker step (per-request lengths {lengths}, {name}): each request verifies its own drafts "
+                         "in one width-3 verify", ok,
+                         None if ok else {"accept_lens": result.accept_lens.tolist(), "want": want, "out": out.tolist(),
+                                          "ids": ids.tolist(), "observed": planner.observed})
         worker._planner = None
 
 
@@ -461,31 +481,47 @@ def check_sync_free_verify_plan(report: Report) -> None:
     workspace = torch.empty(256 << 20, dtype=torch.uint8, device=device)
     scale = head_dim ** -0.5
 
-    def reference(q, lens, kv_indptr, kv_indices, width):
+    def reference(q, lens, kv_indptr, kv_indices, qo_indptr):
         out = torch.empty(q.shape, dtype=torch.float32, device=device)
         for i, n in enumerate(lens.tolist()):
             slots = kv_indices[kv_indptr[i]:kv_indptr[i + 1]]
             k = k_cache[slots].float().repeat_interleave(heads // kv_heads, dim=1)
             v = v_cache[slots].float().repeat_interleave(heads // kv_heads, dim=1)
-            rows = q[i * width:(i + 1) * width].float()
-            logits = torch.einsum("whd,nhd->hwn", rows, k) * scale
+            start, end = int(qo_indptr[i]), int(qo_indptr[i + 1])
+            width = end - start
+            logits = torch.einsum("whd,nhd->hwn", q[start:end].float(), k) * scale
             last = n - width + torch.arange(width, device=device)  # the last slot each row attends to
             allowed = torch.arange(n, device=device)[None, :] <= last[:, None]
             probs = logits.masked_fill(~allowed[None], float("-inf")).softmax(-1)
-            out[i * width:(i + 1) * width] = torch.einsum("hwn,nhd->whd", probs, v)
+            out[start:end] = torch.einsum("hwn,nhd->whd", probs, v)
         return out
 
-    def worst_error(width: int, split: bool) -> list[float]:
-        """Largest relative row error per trial, W = ``width`` rows per request."""
+    def ragged_lengths(width: int, generator: torch.Generator) -> torch.Tensor:
+        """``bs`` lengths in 1..8 summing to ``bs * width`` (per-request verify lengths in a width-W graph)."""
+        lengths = torch.full((bs,), width)
+        for _ in range(4 * bs):  # move a row from one request to another where both stay in 1..8
+            a, b = torch.randint(0, bs, (2,), generator=generator).tolist()
+            if a != b and lengths[a] > 1 and lengths[b] < 8:
+                lengths[a] -= 1
+                lengths[b] += 1
+        return lengths
+
+    def worst_error(width: int, split: bool, ragged: bool = False) -> list[float]:
+        """Largest relative row error per trial, W = ``width`` rows per request (``ragged``: the graph captured
+        with W rows each, replayed with per-request lengths of the same total)."""
         buffers = [torch.zeros(n, dtype=torch.int32, device=device) for n in (bs + 1, bs + 1, pool)]
         buffers.append(torch.ones(bs, dtype=torch.int32, device=device))  # last page lengths (page size 1)
         wrapper = BatchPrefillWithPagedKVCacheWrapper(
             workspace, "NHD", use_cuda_graph=True, backend="fa2", qo_indptr_buf=buffers[0],
             paged_kv_indptr_buf=buffers[1], paged_kv_indices_buf=buffers[2], paged_kv_last_page_len_buf=buffers[3])
-        qo_indptr = torch.arange(0, (bs + 1) * width, width, dtype=torch.int32)
+        uniform = torch.arange(0, (bs + 1) * width, width, dtype=torch.int32)
         errors, lengths = [], torch.Generator().manual_seed(12)
         for trial in range(trials):
-            lens = torch.randint(width + 1, 4000, (bs,), generator=lengths)
+            qo_indptr = uniform
+            if ragged and trial > 0:
+                qo_indptr = torch.zeros(bs + 1, dtype=torch.int32)
+                qo_indptr[1:] = ragged_lengths(width, lengths).cumsum(0)
+            lens = torch.randint(9 if ragged else width + 1, 4000, (bs,), generator=lengths)  # >= a request's rows
             bounds = lens + torch.randint(0, 17, (bs,), generator=lengths)  # the worker's: committed + two blocks
             kv_indptr = torch.zeros(bs + 1, dtype=torch.int32)
             kv_indptr[1:] = lens.cumsum(0)
@@ -497,11 +533,12 @@ def check_sync_free_verify_plan(report: Report) -> None:
             if trial == 0:  # the real plan once, as at capture (from the bounds: the host knows nothing else)
                 wrapper.plan(qo_indptr.to(device), bound_indptr.to(device), kv_indices, buffers[3], heads, kv_heads,
                              head_dim, 1, **kwargs)
+            max_q_len = int((qo_indptr[1:] - qo_indptr[:-1]).max())
             fast_prefill_plan(wrapper, *args, **kwargs, qo_indptr_host=qo_indptr, kv_indptr_host=bound_indptr,
-                              kv_lens_host=bounds.to(torch.int32), max_q_len=width, max_kv_len=int(bounds.max()))
+                              kv_lens_host=bounds.to(torch.int32), max_q_len=max_q_len, max_kv_len=int(bounds.max()))
             q = torch.randn(bs * width, heads, head_dim, device=device, generator=gen).to(torch.bfloat16)
             out = wrapper.forward(q, (k_cache, v_cache), causal=True, sm_scale=scale).float()
-            ref = reference(q, lens, kv_indptr, kv_indices, width)
+            ref = reference(q, lens, kv_indptr, kv_indices, qo_indptr)
             rel = (out - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)
             errors.append(round(float(rel.max()), 4))
         return errors
@@ -512,6 +549,10 @@ def check_sync_free_verify_plan(report: Report) -> None:
         report.check(f"sync-free verify plan: {width} row(s) per request, KV split {'on' if split else 'off'}, "
                      f"planned from upper bounds == reference (relative error < {tolerance})",
                      max(errors) < tolerance, {"worst_per_trial": errors})
+    errors = worst_error(4, False, ragged=True)
+    report.check("sync-free verify plan: per-request lengths 1..8 in a graph captured with 4 rows per request, "
+                 f"KV split off, planned from upper bounds == reference (relative error < {tolerance})",
+                 max(errors) < tolerance, {"worst_per_trial": errors})
     errors = worst_error(8, True)
     wrong = sum(e >= tolerance for e in errors)
     report.data["results"]["sync_free_plan_8_rows_split"] = {"wrong_trials": wrong, "worst_per_trial": errors}

@@ -226,7 +226,8 @@ def test_every_rank_takes_rank0_uniforms_and_hidden_states(dtype, bs, gamma, d):
 
 
 def test_decode_step_broadcasts_once_per_step(dspark_plugin, tmp_path, monkeypatch):
-    """``tests/gpu/unit.py``'s worker step (greedy, mixed, simulated, scheduled widths 3 and 1) with a TP group:
+    """``tests/gpu/unit.py``'s worker step (greedy, mixed, simulated, scheduled widths 3 and 1, per-request lengths
+    greedy and mixed) with a TP group:
     every check still passes and each decode step broadcasts exactly once, from rank 0 (a width-1 step drafts
     nothing but still takes rank 0's uniforms)."""
     import sglang_dspark.worker as worker_module
@@ -235,23 +236,24 @@ def test_decode_step_broadcasts_once_per_step(dspark_plugin, tmp_path, monkeypat
     monkeypatch.setattr(worker_module.DSparkWorker, "_tp_group", group)
     checks = run_worker_step_checks("worker-step-tp", tmp_path, monkeypatch)
     failed = [c for c in checks if not c["ok"]]
-    assert len(checks) == 6 and not failed, failed
-    assert [src for src, _, _ in group.calls] == [0] * 6
-    assert group.objects == [(0, 3), (0, 1)]  # the scheduled steps' widths, from rank 0
+    assert len(checks) == 8 and not failed, failed
+    assert [src for src, _, _ in group.calls] == [0] * 8
+    # the scheduled steps' plans (width, per-request lengths), from rank 0
+    assert group.objects == [(0, (3, None)), (0, (1, None)), (0, (3, [2, 5, 2])), (0, (3, [2, 5, 2]))]
 
 
 def test_every_rank_takes_rank0_verify_width(dspark_plugin):
     """Scheduled verification under TP: each rank's planner may see other host times and lagged gains; the step
-    runs rank 0's width on every rank."""
+    runs rank 0's width (and per-request lengths) on every rank."""
     import types
 
     from sglang_dspark.worker import DSparkWorker
 
     network: dict = {}
     widths = []
-    for rank, own in ((0, 2), (1, 5)):
+    for rank, own in ((0, (2, [1, 3])), (1, (5, None))):
         worker = object.__new__(DSparkWorker)
-        worker.__dict__.update(_planner=types.SimpleNamespace(width=lambda bs, own=own: own),
+        worker.__dict__.update(_planner=types.SimpleNamespace(plan=lambda bs, rids, own=own: own),
                                _tp_group=_BroadcastGroup(rank, network))
-        widths.append(worker._step_width(8))
-    assert widths == [2, 2]
+        widths.append(worker._step_plan(2, None, None))
+    assert widths == [(2, [1, 3]), (2, [1, 3])]
