@@ -176,7 +176,7 @@ def test_part_b_checks_pass_and_fail(issue6):
 def test_run_sh_wires_issue6():
     text = (GPU_TESTS / "run.sh").read_text()
     assert "issue6) export ISSUE6_T0=${ISSUE6_T0:-$ISSUE4_T0}; run issue6 python3 tests/gpu/issue6.py ;;" in text
-    assert "(SERVING|ISSUE4|ISSUE6)_[A-Z0-9_]+=" in text
+    assert "(SERVING|ISSUE4|ISSUE6|RAGGED)_[A-Z0-9_]+=" in text
 
 
 class FakeServer:

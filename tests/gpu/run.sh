@@ -19,7 +19,9 @@
 #        goodput rounds of parts a and b,
 #        ISSUE6_SKIP_IDENTITY=1 skips the identity part, ISSUE6_WEAK_NOISE (2.0), ISSUE6_WEAK_CONF_SHIFT (-3.0, or
 #        none); results $OUT/issue6.json and $OUT/issue6-calibration*; server logs in $ISSUE6_LOG_DIR
-#        (/tmp/issue6-logs), packed into $OUT/issue6-logs.tar.gz).
+#        (/tmp/issue6-logs), packed into $OUT/issue6-logs.tar.gz),
+#        ragged (tests/gpu/ragged.py: per-request verify lengths, experimental: outputs against no speculation,
+#        use, goodput against one width per step; within RAGGED_BUDGET_S, default 500 s; RAGGED_ROUNDS (4)).
 #        Each fits in one 10-minute device command.
 # Writes $OUT/<test>.json (command, git commit, date, device, checks, raw numbers), $OUT/logs/*.log and
 # $OUT/run.json; exits non-zero when a check fails. issue4 keeps its logs in $ISSUE4_LOG_DIR
@@ -27,7 +29,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 # The command as recorded in the results files, with the knobs it ran under (budgets, switches).
-export DSPARK_GPU_COMMAND="$(env | grep -E '^(SERVING|ISSUE4|ISSUE6)_[A-Z0-9_]+=' | grep -v '_T0=' | sort | tr '\n' ' ')bash tests/gpu/run.sh $*"
+export DSPARK_GPU_COMMAND="$(env | grep -E '^(SERVING|ISSUE4|ISSUE6|RAGGED)_[A-Z0-9_]+=' | grep -v '_T0=' | sort | tr '\n' ' ')bash tests/gpu/run.sh $*"
 export ISSUE4_T0=${ISSUE4_T0:-$(date +%s)}
 WHICH=${1:-smoke}
 shift $(( $# > 0 ? 1 : 0 ))
@@ -64,7 +66,8 @@ case "$WHICH" in
   issue4) run issue4 python3 tests/gpu/issue4.py ;;
   serving) export SERVING_T0=${SERVING_T0:-$ISSUE4_T0}; run serving python3 tests/gpu/serving.py ;;
   issue6) export ISSUE6_T0=${ISSUE6_T0:-$ISSUE4_T0}; run issue6 python3 tests/gpu/issue6.py ;;
-  *) log "unknown WHICH=$WHICH (setup|smoke|more|unit|issue4|serving|issue6)"; exit 2 ;;
+  ragged) export RAGGED_T0=${RAGGED_T0:-$ISSUE4_T0}; run ragged python3 tests/gpu/ragged.py ;;
+  *) log "unknown WHICH=$WHICH (setup|smoke|more|unit|issue4|serving|issue6|ragged)"; exit 2 ;;
 esac
 
 status=0
