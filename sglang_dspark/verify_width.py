@@ -92,6 +92,7 @@ class WidthPlanner:
         self.overhead_ms = 0.0
         self._last_step: Optional[tuple[float, float]] = None  # (host time, predicted ms) of the last step
         self.widths: Counter[int] = Counter()  # widths chosen since the last summary
+        self.uneven = 0  # steps with per-request lengths since the last summary
         self._logged_at = clock()
         # Calibration sums per position, float32 [gamma], starting at one pseudo-observation of ratio 1.
         self.predicted = np.ones(gamma, dtype=np.float32)
@@ -138,9 +139,11 @@ class WidthPlanner:
         now = self.clock()
         self._last_step = (now, self._gpu_ms(bs)[width])
         self.widths[width] += 1
+        self.uneven += lengths is not None
         if now - self._logged_at >= self.LOG_EVERY_S:
             logger.info("DSPARK scheduled verification: %s", self.summary())
             self.widths.clear()
+            self.uneven = 0
             self._logged_at = now
         return width, lengths
 
@@ -150,7 +153,8 @@ class WidthPlanner:
         steps = sum(self.widths.values()) or 1
         shares = ", ".join(f"{w}: {100 * n / steps:.0f}%" for w, n in sorted(self.widths.items()))
         full = "n/a" if self.gains is None else f"{self.gains[self.gamma + 1]:.2f}"
-        return (f"verify widths over {sum(self.widths.values())} steps {{{shares}}}, step overhead "
+        uneven = f", per-request lengths in {100 * self.uneven / steps:.0f}% of steps" if self.ragged else ""
+        return (f"verify widths over {sum(self.widths.values())} steps {{{shares}}}{uneven}, step overhead "
                 f"{self.overhead_ms:.2f} ms, expected accepted drafts at full width {full}")
 
     def _time_step(self) -> None:

@@ -189,6 +189,7 @@ def test_ragged_lengths_follow_each_requests_history():
         planner.observe(torch.full((32, GAMMA), 0.0), torch.tensor([GAMMA] * 16 + [0] * 16), GAMMA, rids)
     width, lengths = planner.plan(32, rids)
     assert width == 5 and lengths[:16] == [GAMMA + 1] * 16 and sum(lengths) == 32 * 5
+    assert "per-request lengths in 100% of steps" in planner.summary()
     assert WidthPlanner(GAMMA, COST).plan(32, rids)[1] is None  # not ragged: one width
     assert planner.plan(16, rids[:16])[1] is None  # below RAGGED_MIN_BS: one width
 
