@@ -326,10 +326,12 @@ def check_worker_step(report: Report) -> None:
                          + (", no draft pass" if width == 1 else ", planner observes the step"), ok,
                          None if ok else {"accept_lens": result.accept_lens.tolist(), "want": want, "out": out.tolist(),
                                           "observed": planner.observed})
-        # Per-request lengths: 2, 5 and 2 tokens (1, 4 and 1 drafts) in the 9 rows of a width-3 verify.
-        lengths, starts = [2, 5, 2], [0, 2, 7]
-        for name, greedy in (("greedy", [True] * 3), ("mixed", [True, False, False])):
-            worker._planner = planner = Planner(3, lengths)
+        # Per-request lengths: e.g. 2, 5 and 2 tokens (1, 4 and 1 drafts) in the 9 rows of a width-3 verify.
+        for lengths, name, greedy in (([2, 5, 2], "greedy", [True] * 3), ([2, 5, 2], "mixed", [True, False, False]),
+                                      ([1, 1, 4], "greedy", [True] * 3), ([5, 3, 4], "greedy", [True] * 3)):
+            width, longest = sum(lengths) // 3, max(lengths)
+            starts = [sum(lengths[:i]) for i in range(3)]
+            worker._planner = planner = Planner(width, lengths)
             result = worker._decode(batch(bonus, prefix, greedy), None)
             want = [min(expected(b)[0], n - 1) for b, n in zip(bonus, lengths)]
             out = result.next_token_ids.view(3, gamma + 1)
@@ -337,12 +339,13 @@ def check_worker_step(report: Report) -> None:
             ids = seen["verify_ids"]
             ok = (result.accept_lens.tolist() == [a + 1 for a in want]
                   and all(out[i, : a + 1].tolist() == rows[i] for i, a in enumerate(want))
-                  and ids.shape == (9,) and ids[starts].tolist() == bonus
-                  and committed["positions"].view(3, 5).tolist() == [[p + k for k in range(5)] for p in prefix]
+                  and ids.shape == (3 * width,) and ids[starts].tolist() == bonus
+                  and committed["positions"].view(3, longest).tolist() == [[p + k for k in range(longest)]
+                                                                           for p in prefix]
                   and committed["commit_lens"].tolist() == result.accept_lens.tolist()
-                  and planner.observed == [((3, gamma), want, [1, 4, 1], ["r0", "r1", "r2"])])
+                  and planner.observed == [((3, gamma), want, [n - 1 for n in lengths], ["r0", "r1", "r2"])])
             report.check(f"worker step (per-request lengths {lengths}, {name}): each request verifies its own drafts "
-                         "in one width-3 verify", ok,
+                         f"in one width-{width} verify", ok,
                          None if ok else {"accept_lens": result.accept_lens.tolist(), "want": want, "out": out.tolist(),
                                           "ids": ids.tolist(), "observed": planner.observed})
         worker._planner = None

@@ -236,10 +236,11 @@ def test_decode_step_broadcasts_once_per_step(dspark_plugin, tmp_path, monkeypat
     monkeypatch.setattr(worker_module.DSparkWorker, "_tp_group", group)
     checks = run_worker_step_checks("worker-step-tp", tmp_path, monkeypatch)
     failed = [c for c in checks if not c["ok"]]
-    assert len(checks) == 8 and not failed, failed
-    assert [src for src, _, _ in group.calls] == [0] * 8
+    assert len(checks) == 10 and not failed, failed
+    assert [src for src, _, _ in group.calls] == [0] * 10
     # the scheduled steps' plans (width, per-request lengths), from rank 0
-    assert group.objects == [(0, (3, None)), (0, (1, None)), (0, (3, [2, 5, 2])), (0, (3, [2, 5, 2]))]
+    assert group.objects == [(0, (3, None)), (0, (1, None)), (0, (3, [2, 5, 2])), (0, (3, [2, 5, 2])),
+                             (0, (2, [1, 1, 4])), (0, (4, [5, 3, 4]))]
 
 
 def test_every_rank_takes_rank0_verify_width(dspark_plugin):
