@@ -5,6 +5,7 @@ ones. The GPU script is imported, not run."""
 from __future__ import annotations
 
 import importlib
+import time
 import sys
 from pathlib import Path
 
@@ -115,10 +116,14 @@ def test_estimates(issue6):
         issue6.round_estimate(points, issue6.CONCURRENCIES) + issue6.round_estimate({}, issue6.CONCURRENCIES), abs=0.1)
 
 
-def fake_state(issue6, goodput: dict[str, dict[int, float]], accept: dict[str, float]) -> dict:
-    """One round of points per setting and concurrency."""
-    return {name: {"points": {c: [{**point(issue6, c, v, accept.get(name)), "round": 1}] for c, v in by_c.items()}}
-            for name, by_c in goodput.items()}
+def fake_state(issue6, goodput: dict[str, dict[int, float]], accept: dict[str, float],
+               together: dict[str, dict[int, float]] | None = None) -> dict:
+    """One round of points per setting and concurrency (and of side-by-side points, ``together``)."""
+    state = {name: {"points": {c: [{**point(issue6, c, v, accept.get(name)), "round": 1}] for c, v in by_c.items()}}
+             for name, by_c in goodput.items()}
+    for name, by_c in (together or {}).items():
+        state[name]["together"] = {c: [{"output_tok_s": v, "window_s": 5.0, "round": 1}] for c, v in by_c.items()}
+    return state
 
 
 def test_paired_rows_take_the_median_of_same_round_ratios(issue6):
@@ -138,22 +143,31 @@ def test_part_a_checks_pass_and_fail(issue6):
     base = {1: 400.0, 8: 3000.0, 32: 9000.0, 64: 14000.0}
     good = {"nospec": base, "full": {c: v * 1.2 for c, v in base.items()},
             "scheduled": {c: v * 1.25 for c, v in base.items()}}
+    side = {"full": {c: v * 0.8 for c, v in good["full"].items()},  # side by side both run slower
+            "scheduled": {c: v * 0.8 * (1.1 if c == 64 else 1.0) for c, v in good["full"].items()}}
     report = issue6.Report("issue6-test")
-    issue6.part_a_checks(report, fake_state(issue6, good, {"full": 4.5, "scheduled": 4.2}))
+    issue6.part_a_checks(report, fake_state(issue6, good, {"full": 4.5, "scheduled": 4.2}, side))
     assert report.ok, report.data["checks"]
     part = report.data["results"]["part_a"]
-    assert part["gain_scheduled_over_full_c64"] == pytest.approx(1.25 / 1.2 - 1, abs=1e-3)
+    assert part["gain_scheduled_over_full_c64"] == pytest.approx(0.1, abs=1e-3)  # side by side
+    assert part["gain_scheduled_over_full_c64_one_after_the_other"] == pytest.approx(1.25 / 1.2 - 1, abs=1e-3)
     assert part["accept_length"]["full"] == pytest.approx(4.5, abs=0.01)
 
-    bad = {**good, "scheduled": {**good["scheduled"], 64: good["full"][64] * 0.95}}  # 5 % below full at 64
+    # One after the other 5 % below full at 64: recorded, not a failure; side by side 5 % below: the check fails.
+    bad = {**good, "scheduled": {**good["scheduled"], 64: good["full"][64] * 0.95}}
+    bad_side = {**side, "scheduled": {**side["scheduled"], 64: side["full"][64] * 0.95}}
     report = issue6.Report("issue6-test")
-    issue6.part_a_checks(report, fake_state(issue6, bad, {}))
+    issue6.part_a_checks(report, fake_state(issue6, bad, {}, side))
+    assert report.ok, report.data["checks"]
+    report = issue6.Report("issue6-test")
+    issue6.part_a_checks(report, fake_state(issue6, good, {}, bad_side))
     failed = [c["name"] for c in report.data["checks"] if not c["ok"]]
-    assert failed == ["part a: scheduled goodput >= full x 0.97 at concurrency 1, 8, 32, 64 (median over rounds)"]
+    assert failed == ["part a: scheduled goodput >= full x 0.97 at concurrency 1, 8, 32, 64, the two served side "
+                      "by side (median over rounds)"]
 
     missing = {**good, "scheduled": {c: v for c, v in good["scheduled"].items() if c != 32}}
     report = issue6.Report("issue6-test")
-    issue6.part_a_checks(report, fake_state(issue6, missing, {}))
+    issue6.part_a_checks(report, fake_state(issue6, missing, {}))  # and no side-by-side points at all
     assert not report.ok and len([c for c in report.data["checks"] if not c["ok"]]) == 3
 
 
@@ -182,8 +196,8 @@ def test_run_sh_wires_issue6():
 class FakeServer:
     """A server answering every request at once with 256 tokens in 64 verify steps; ``calls`` logs (name, n, c)."""
 
-    def __init__(self, name: str, calls: list, fail_at: int | None = None) -> None:
-        self.name, self.calls, self.fail_at = name, calls, fail_at
+    def __init__(self, name: str, calls: list, fail_at: int | None = None, delay: float = 0.0) -> None:
+        self.name, self.calls, self.fail_at, self.delay = name, calls, fail_at, delay
         self.log_path = Path(f"/tmp/{name}.log")
 
     def generate_many(self, prompts, params, concurrency):
@@ -192,11 +206,44 @@ class FakeServer:
         self.calls.append((self.name, len(prompts), concurrency))
         return [{"meta_info": {"completion_tokens": p["max_new_tokens"], "spec_verify_ct": 64}} for p in params]
 
+    def generate(self, prompt, params):  # one request of a side-by-side load, taking ``delay`` seconds
+        time.sleep(self.delay)
+        return {"meta_info": {"completion_tokens": params["max_new_tokens"]}}
+
     def avg_spec_accept_length(self):
         return 4.0
 
     def log_tail(self, lines: int = 30) -> str:
         return ""
+
+
+def test_common_window_counts_only_while_every_load_runs(issue6):
+    """Two loads started at 0: a finishes at 10 s, b at 12 s; b's request finished at 11 s ran alone and is
+    left out, so each goodput is over the same 10 s."""
+    finishes = {"a": [(4.0, 256), (10.0, 256)], "b": [(5.0, 256), (9.0, 256), (11.0, 256), (12.0, 256)]}
+    got = issue6.common_window(finishes, 0.0)
+    assert got == {"a": {"window_s": 10.0, "requests_in_window": 2, "output_tok_s": 51.2},
+                   "b": {"window_s": 10.0, "requests_in_window": 2, "output_tok_s": 51.2}}
+
+
+def test_side_by_side_rounds_measure_both_servers_at_once(issue6, monkeypatch):
+    """full takes 4 ms a request, scheduled 2 ms, served at the same time: over the shared window scheduled's
+    goodput is about twice full's; every concurrency, every round; a round that does not fit is skipped."""
+    monkeypatch.setattr(issue6, "TOGETHER_REQUESTS", {1: 20, 8: 40, 32: 64, 64: 128})
+    monkeypatch.setattr(issue6, "TOGETHER_ROUNDS", 2)
+    state = {name: {"server": FakeServer(name, [], delay=d), "points": {}} for name, d in (("full", 0.004),
+                                                                                          ("scheduled", 0.002))}
+    skipped: list = []
+    issue6.together_rounds(state, [[1, 2, 3]] * 10, issue6.Clock("UNSET_T0", 1000.0), 0.0, skipped)
+    assert skipped == [] and sorted(state["full"]["together"]) == [1, 8, 32, 64]
+    for c in (1, 8, 32, 64):
+        full, sched = state["full"]["together"][c], state["scheduled"]["together"][c]
+        assert [p["round"] for p in full] == [1, 2] and full[0]["window_s"] == sched[0]["window_s"]
+    c1 = [s["output_tok_s"] / f["output_tok_s"] for f, s in zip(state["full"]["together"][1],
+                                                                state["scheduled"]["together"][1])]
+    assert all(1.3 < r < 3.0 for r in c1), c1
+    issue6.together_rounds(state, [[1, 2, 3]] * 10, issue6.Clock("UNSET_T0", 10.0), 0.0, skipped)
+    assert skipped and "side by side round 1" in skipped[0]
 
 
 def test_goodput_round_measures_each_concurrency_back_to_back(issue6):

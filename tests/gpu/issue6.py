@@ -22,10 +22,16 @@ Parts (one results file ``$OUT/issue6.json``, rewritten after each part):
 
 a. goodput: HumanEval prompts (``harness.HUMANEVAL``, fixture tokenizer), greedy, ``ignore_eos``, 256 new tokens,
    concurrency 1, 8, 32, 64 (12, 32, 128, 256 requests; goodput = completion tokens / wall time), nospec, full and
-   scheduled measured one server at a time. Checks: scheduled >= full x 0.97 and >= nospec x 0.97 at every
-   concurrency, each ratio the median over rounds of two points measured back to back in one round (best-of-rounds
-   ratios recorded too); the gain of scheduled over full at 64 is stated. Accept lengths
-   (completion tokens / verify steps per point, ``/server_info`` ``avg_spec_accept_length`` per server).
+   scheduled measured one server at a time; then full and scheduled measured side by side (``measure_together``:
+   both serve the same load at the same time, goodput over the window in which both are busy), in
+   ``ISSUE6_TOGETHER_ROUNDS`` (3) rounds. Checks: scheduled >= full x 0.97 measured side by side, and scheduled
+   >= nospec x 0.97 one at a time, at every concurrency, each ratio the median over rounds (one at a time: of two
+   points measured back to back in one round; those ratios for scheduled / full and best-of-rounds ratios are
+   recorded too); the gain of scheduled over full at 64 is stated. Why side by side for scheduled / full: the
+   tiny pair's host speed swings by up to 2x within seconds (SGLang's 40-step throughput lines of one server in
+   ``issue6.json``'s logs), so two servers measured one after the other disagree by more than the claim, while two
+   servers under load at the same moment share it. Accept lengths (completion tokens / verify steps per point,
+   ``/server_info`` ``avg_spec_accept_length`` per server).
 b. weak drafter, same load: nospec, weak-full, weak-sched (and weak-recal). Checks: the weak drafter commits
    <= 1.3 tokens per verify step (the premise), weak-sched >= nospec x 0.90 at 32 and 64 (median paired ratios as
    in a); full's ratios and weak-recal's are recorded.
@@ -37,8 +43,8 @@ d. calibration: ``calib`` serves 32 prompts at concurrency 8 and 64 at 64 (256 t
    ``$OUT/issue6-calibration-reliability.png`` (when matplotlib is there; the device image has none) and the raw
    step records to ``$OUT/issue6-calibration-records.jsonl`` (render the plot elsewhere with the same command).
 
-Order: wave 1 (nospec, full, scheduled, calib) starts together; a round 1, d, a rounds 2..; full, scheduled and
-calib stop; wave 2 (the weak servers, and the identity pair unless skipped) starts together; b round 1, c, b rounds
+Order: wave 1 (nospec, full, scheduled, calib) starts together; a round 1, d (calib stops), a side by side, a rounds
+2..; full and scheduled stop; wave 2 (the weak servers, and the identity pair unless skipped) starts together; b round 1, c, b rounds
 2... A round measures, at each concurrency in turn, every server of the part back to back (the tiny pair's
 goodput drifts by up to 1.5x over a run; points compared within a round are seconds apart). Rounds: part a
 ``ISSUE6_ROUNDS_A`` (default 4), part b ``ISSUE6_ROUNDS`` (default 2); a further round runs for a whole part or not
@@ -79,6 +85,8 @@ LOG_DIR = Path(os.environ.get("ISSUE6_LOG_DIR", "/tmp/issue6-logs"))
 BUDGET_S = float(os.environ.get("ISSUE6_BUDGET_S", "500"))
 ROUNDS = int(os.environ.get("ISSUE6_ROUNDS", "2"))
 ROUNDS_A = int(os.environ.get("ISSUE6_ROUNDS_A", "4"))  # part a's points take ~1 s each: more rounds are cheap there
+TOGETHER_ROUNDS = int(os.environ.get("ISSUE6_TOGETHER_ROUNDS", "3"))
+TOGETHER_REQUESTS = {1: 24, 8: 64, 32: 256, 64: 512}  # per server: a window of about 4-6 s on the tiny pair
 SKIP_IDENTITY = os.environ.get("ISSUE6_SKIP_IDENTITY") == "1"
 WEAK_NOISE = float(os.environ.get("ISSUE6_WEAK_NOISE") or DEFAULT_NOISE)
 _SHIFT = (os.environ.get("ISSUE6_WEAK_CONF_SHIFT") or str(CALIBRATING_SHIFT)).strip()
@@ -292,6 +300,58 @@ def measure(server: Server, prompts: list[list[int]], concurrency: int) -> dict[
     return point_stats([r["meta_info"] for r in responses], time.perf_counter() - start, concurrency, N_OUT)
 
 
+def common_window(finishes: dict[str, list[tuple[float, int]]], start: float) -> dict[str, dict[str, Any]]:
+    """Goodput of loads that started together at ``start``, each from its requests' (finish time, completion
+    tokens): over the window in which all were running (``start`` to the end of the first to finish), the tokens of
+    the requests each finished in it / the window. A load running on alone after another finished is not counted
+    (it would run faster than under the shared conditions)."""
+    end = min(max(t for t, _ in done) for done in finishes.values())
+    window = end - start
+    return {name: {"window_s": round(window, 3), "requests_in_window": sum(t <= end for t, _ in done),
+                   "output_tok_s": round(sum(n for t, n in done if t <= end) / window, 1)}
+            for name, done in finishes.items()}
+
+
+def measure_together(servers: dict[str, Server], prompts: list[list[int]], concurrency: int) -> dict[str, dict]:
+    """Every server of ``servers`` serves the same ``TOGETHER_REQUESTS`` load at ``concurrency`` at the same time
+    -> a point per server (``common_window``)."""
+    n = TOGETHER_REQUESTS[concurrency]
+    batch = [prompts[i % len(prompts)] for i in range(n)]
+    finishes: dict[str, list[tuple[float, int]]] = {name: [] for name in servers}
+
+    def load(name: str) -> None:
+        def one(prompt: list[int]) -> None:
+            response = servers[name].generate(prompt, greedy(N_OUT))
+            finishes[name].append((time.perf_counter(), response["meta_info"].get("completion_tokens") or 0))
+
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            list(pool.map(one, batch))
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=len(servers)) as pool:
+        list(pool.map(load, servers))
+    return {name: {"concurrency": concurrency, "requests": n, **point}
+            for name, point in common_window(finishes, start).items()}
+
+
+def together_rounds(state: dict[str, dict], prompts: list[list[int]], clock: Clock, reserve_s: float,
+                    skipped: list[str]) -> None:
+    """``TOGETHER_ROUNDS`` rounds of full and scheduled side by side at every concurrency (points in
+    ``state[name]["together"]``), each round only when its estimate fits with ``reserve_s`` kept free."""
+    for round_no in range(1, TOGETHER_ROUNDS + 1):
+        runs = state["scheduled"].setdefault("together", {})
+        need = sum(point_estimate([{"wall_s": r["window_s"]} for r in runs.get(c, [])], c) for c in CONCURRENCIES)
+        if clock.left() - STOP_S - reserve_s < need:
+            skipped.append(f"part a side by side round {round_no}: needs {need:.0f} s, {clock.left():.0f} s left")
+            return
+        for c in CONCURRENCIES:
+            points = measure_together({n: state[n]["server"] for n in ("full", "scheduled")}, prompts, c)
+            for name, point in points.items():
+                state[name].setdefault("together", {}).setdefault(c, []).append({**point, "round": round_no})
+            log(f"side by side c{c} round {round_no}: full {points['full']['output_tok_s']}, scheduled "
+                f"{points['scheduled']['output_tok_s']} tok/s")
+
+
 def goodput_round(state: dict[str, dict], names: tuple[str, ...], prompts: list[list[int]], clock: Clock,
                   round_no: int, skipped: list[str]) -> None:
     """One round: at each concurrency, each server of ``names`` in turn (a server is warmed up once, and at each
@@ -372,18 +432,30 @@ def part_a_checks(report: Report, state: dict[str, dict]) -> None:
                      all(state[name]["points"].get(c) for c in CONCURRENCIES) and all(r["complete"] for r in runs),
                      state[name].get("error") or {c: len(state[name]["points"].get(c, [])) for c in CONCURRENCIES})
     points = results["part_a"]["points"]
+    concurrencies = ", ".join(map(str, CONCURRENCIES))
     for den in ("full", "nospec"):
         rows = paired_rows(points, "scheduled", den, CONCURRENCIES, 1.0 - TOLERANCE)
         results["part_a"][f"scheduled_over_{den}"] = rows
         results["part_a"][f"scheduled_over_{den}_best_of_rounds"] = ratio_rows(table, "scheduled", den,
                                                                                 CONCURRENCIES, 1.0 - TOLERANCE)
-        report.check(f"part a: scheduled goodput >= {den} x {1 - TOLERANCE:.2f} at concurrency "
-                     f"{', '.join(map(str, CONCURRENCIES))} (median over rounds)", all(r["ok"] for r in rows),
-                     {f"c{r['concurrency']}": r["ratio"] for r in rows})
-    gain = paired_rows(points, "scheduled", "full", (64,), 0.0)[0]["ratio"]
-    results["part_a"]["gain_scheduled_over_full_c64"] = None if gain is None else round(gain - 1.0, 4)
-    info("part a: gain of scheduled over full verification at concurrency 64 (median over rounds)",
-         "not measured" if gain is None else f"{100 * (gain - 1):+.1f}% ({gain:.3f}x)")
+        name = f"part a: scheduled goodput >= {den} x {1 - TOLERANCE:.2f} at concurrency {concurrencies}"
+        ratios = {f"c{r['concurrency']}": r["ratio"] for r in rows}
+        if den == "nospec":
+            report.check(f"{name} (median over rounds)", all(r["ok"] for r in rows), ratios)
+        else:  # recorded: one server after the other, the machine's drift is larger than the claim (docstring)
+            info(f"{name}, one server after the other (median over rounds; not the check)", ratios)
+    together = {n: state[n].get("together", {}) for n in ("full", "scheduled")}
+    rows = paired_rows(together, "scheduled", "full", CONCURRENCIES, 1.0 - TOLERANCE)
+    results["part_a"]["side_by_side"] = {"points": together, "scheduled_over_full": rows}
+    report.check(f"part a: scheduled goodput >= full x {1 - TOLERANCE:.2f} at concurrency {concurrencies}, the two "
+                 "served side by side (median over rounds)", all(r["ok"] for r in rows),
+                 {f"c{r['concurrency']}": r["ratio"] for r in rows})
+    for label, source in (("side by side", together), ("one after the other", points)):
+        gain = paired_rows(source, "scheduled", "full", (64,), 0.0)[0]["ratio"]
+        key = "gain_scheduled_over_full_c64" + ("" if source is together else "_one_after_the_other")
+        results["part_a"][key] = None if gain is None else round(gain - 1.0, 4)
+        info(f"part a: gain of scheduled over full verification at concurrency 64 ({label}, median over rounds)",
+             "not measured" if gain is None else f"{100 * (gain - 1):+.1f}% ({gain:.3f}x)")
     info("part a accept lengths (tokens per verify step, pooled)", results["part_a"]["accept_length"])
 
 
@@ -564,6 +636,7 @@ def wave1(run: Run, calib_log: Path) -> None:
     n_weak = 2 + (WEAK_CONF_SHIFT is not None)
     reserve = (START_S + round_estimate(run.state["nospec"]["points"], CONCURRENCIES)
                + n_weak * round_estimate({}, CONCURRENCIES) + (0 if SKIP_IDENTITY else IDENTITY_NEEDS_S))
+    report.run("part a side by side", lambda: together_rounds(run.state, run.prompts, clock, reserve, run.skipped))
     run.rounds("a", PART_A, ROUNDS_A, reserve)
     report.data["results"]["part_seconds"]["a+d"] = round(time.time() - t, 1)
     report.run("part a checks", lambda: part_a_checks(report, run.state))
