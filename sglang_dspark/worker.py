@@ -550,8 +550,10 @@ class DSparkWorker(DFlashWorkerV2):
         caps, top1 = None, None  # per-request drafts verified (ragged), the target's argmax per row
         if ragged is not None:
             width, caps = ragged.rows.shape[1], ragged.caps
-            if sampling is None and self._simulation is None and block is not None and _no_adjustments(batch):
-                top1 = logits.argmax(dim=-1)[ragged.rows]  # an all-greedy batch needs no [bs, n, V] copy
+            # Lengths come only with drafts and for batches without logit adjustments (_step_plan): an all-greedy
+            # batch reads the target's argmax per row, no [bs, n, V] copy of the logits.
+            if sampling is None and self._simulation is None:
+                top1 = logits.argmax(dim=-1)[ragged.rows]
             else:
                 logits = logits[ragged.rows.view(-1)]
             positions, cache_loc = (t[:, :width].contiguous() for t in window[1:])

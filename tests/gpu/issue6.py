@@ -314,7 +314,7 @@ def common_window(finishes: dict[str, list[tuple[float, int]]], start: float) ->
 
 def measure_together(servers: dict[str, Server], prompts: list[list[int]], concurrency: int) -> dict[str, dict]:
     """Every server of ``servers`` serves the same ``TOGETHER_REQUESTS`` load at ``concurrency`` at the same time
-    -> a point per server (``common_window``)."""
+    -> a point per server (``common_window``; ``wall_s``: until every load finished)."""
     n = TOGETHER_REQUESTS[concurrency]
     batch = [prompts[i % len(prompts)] for i in range(n)]
     finishes: dict[str, list[tuple[float, int]]] = {name: [] for name in servers}
@@ -330,7 +330,8 @@ def measure_together(servers: dict[str, Server], prompts: list[list[int]], concu
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=len(servers)) as pool:
         list(pool.map(load, servers))
-    return {name: {"concurrency": concurrency, "requests": n, **point}
+    wall = round(time.perf_counter() - start, 3)
+    return {name: {"concurrency": concurrency, "requests": n, "wall_s": wall, **point}
             for name, point in common_window(finishes, start).items()}
 
 
@@ -340,7 +341,7 @@ def together_rounds(state: dict[str, dict], prompts: list[list[int]], clock: Clo
     ``state[name]["together"]``), each round only when its estimate fits with ``reserve_s`` kept free."""
     for round_no in range(1, TOGETHER_ROUNDS + 1):
         runs = state["scheduled"].setdefault("together", {})
-        need = sum(point_estimate([{"wall_s": r["window_s"]} for r in runs.get(c, [])], c) for c in CONCURRENCIES)
+        need = sum(point_estimate(runs.get(c, []), c) for c in CONCURRENCIES)
         if clock.left() - STOP_S - reserve_s < need:
             skipped.append(f"part a side by side round {round_no}: needs {need:.0f} s, {clock.left():.0f} s left")
             return

@@ -26,14 +26,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import REPO, TINY_DRAFT, TINY_TARGET, Clock, Report, Server, info, pack_logs  # noqa: E402
-from issue6 import N_OUT, TINY_ARGS, dspark_args, greedy, humaneval_prompts, measure, paired_rows  # noqa: E402
+from issue6 import (  # noqa: E402
+    N_OUT, TINY_ARGS, dspark_args, greedy, humaneval_prompts, measure, paired_rows, start_wave,
+)
 from serving import Api, Judge  # noqa: E402
 
 ROUNDS = int(os.environ.get("RAGGED_ROUNDS", "4"))
@@ -74,9 +75,7 @@ def main() -> int:
     }
     prompts = humaneval_prompts()
     try:
-        for server in servers.values():
-            server.start()
-            time.sleep(2)
+        start_wave(servers, clock)
         for server in servers.values():
             server.wait_ready()
         judge = Judge(Api(servers["nospec"], clock), strict=False)
