@@ -185,15 +185,12 @@ class WidthPlanner:
         return 2, None
 
     def _ragged(self, bs: int, rids: Sequence[str]) -> tuple[int, Optional[list[int]]]:
-        """Width ``W`` and lengths: the ``bs * (W - 1)`` draft rows go to the largest survival estimates of the
-        batch (each request's own history, the batch mean for a request without one; survivals fall with the
-        position, so every request's rows are a prefix), ``W`` maximising expected committed tokens per ms."""
+        """Width ``W`` and lengths: ``share_rows`` over the requests' own histories (the batch mean for a request
+        without one), the ``bs * (W - 1)`` draft rows of each width ``W``."""
         survival = np.stack([self._history.get(rid, self._mean_survival) for rid in rids])  # [bs, gamma]
-        order = np.argsort(-survival, axis=None, kind="stable")
-        expected = np.concatenate(([0.0], np.cumsum(survival.reshape(-1)[order])))
-        best = max(range(1, self.gamma + 2),
-                   key=lambda w: (bs + expected[bs * (w - 1)]) / self.step_ms(bs, w))
-        drafts = np.bincount(order[: bs * (best - 1)] // self.gamma, minlength=bs)
+        sizes = [bs * (w - 1) for w in range(1, self.gamma + 2)]
+        rows, drafts = share_rows(survival, sizes, lambda n: self.step_ms(bs, n // bs + 1))
+        best = rows // bs + 1
         if best == 1 or (drafts == best - 1).all():
             return best, None
         return best, (drafts + 1).tolist()
@@ -245,17 +242,38 @@ class WidthPlanner:
         self.gains = [0.0, 0.0] + survival.cumsum(axis=-1).mean(axis=0).tolist()  # G[W]: W - 1 drafts verified
         self._mean_survival = survival.mean(axis=0)
         if rids is not None:
-            # Survival of position k: a decayed mean of [a > k] where the step verified k, and where it did not
-            # (a shorter length) drifting toward the batch mean, so that a request kept short is tried again.
             old = np.stack([self._history.get(rid, self._mean_survival) for rid in rids])
-            target = np.where(seen, hits, self._mean_survival)
-            new = np.minimum.accumulate(self.HISTORY_DECAY * old + (1 - self.HISTORY_DECAY) * target, axis=1)
+            new = next_history(old, seen, hits, self._mean_survival, self.HISTORY_DECAY)
             # Requests not in this step have finished (every running request is in every drafted step).
             self._history = dict(zip(rids, new))
 
     def calibration(self) -> list[float]:
         """Measured / predicted acceptance per position (as far as the landed copies go)."""
         return (self.accepted / self.predicted).tolist()
+
+
+def share_rows(
+    survival: np.ndarray, sizes: Iterable[int], step_ms: Callable[[int], float]
+) -> tuple[int, np.ndarray]:
+    """Per-request lengths from survival estimates float ``[bs, gamma]`` (non-increasing along each row): the
+    ``n`` largest estimates of the batch get a draft row each (so every request's rows are a prefix), ``n`` the
+    one of ``sizes`` (ascending; ties go to the smaller) maximising expected committed tokens per ms,
+    ``(bs + their sum) / step_ms(n)`` -> (``n``, drafts per request int64 ``[bs]``)."""
+    bs, gamma = survival.shape
+    order = np.argsort(-survival, axis=None, kind="stable")
+    expected = np.concatenate(([0.0], np.cumsum(survival.reshape(-1)[order])))
+    n = max(sizes, key=lambda n: (bs + expected[n]) / step_ms(n))
+    return n, np.bincount(order[:n] // gamma, minlength=bs)
+
+
+def next_history(
+    old: np.ndarray, seen: np.ndarray, hits: np.ndarray, mean: np.ndarray, decay: float
+) -> np.ndarray:
+    """Requests' survival estimates after one drafted step (each ``[n, gamma]``; ``mean`` ``[gamma]``): position
+    ``k`` moves by ``1 - decay`` toward ``[a > k]`` (``hits``) where the step verified it (``seen``), else toward
+    the batch's mean survival (so that a request kept short is tried again); made non-increasing along ``k``."""
+    target = np.where(seen, hits, mean)
+    return np.minimum.accumulate(decay * old + (1 - decay) * target, axis=1)
 
 
 class VerifyGraphs:

@@ -12,7 +12,8 @@ time ``overhead + draft_ms(bs) [any draft] + verify_ms(tokens)``:
 
 * per-step width: the ``W`` maximising expected committed tokens per ms (``bs * W`` tokens verified);
 * per-request lengths: the ``n`` drafts maximising it, taken as the ``n`` largest survivals of the batch (each
-  request's survivals fall with ``k``, so this keeps every request's verified drafts a prefix).
+  request's survivals fall with ``k``, so this keeps every request's verified drafts a prefix): the server's
+  ``verify_width.share_rows``.
 
 Reported per batch size: committed tokens per ms that the logged acceptances give each policy (and full
 verification, no drafts, and an ``oracle`` that verifies exactly each request's accepted drafts, or none where
@@ -46,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmark.tiny.data import read_jsonl  # noqa: E402
 from sglang_dspark.cost_profile import CostProfile  # noqa: E402
+from sglang_dspark.verify_width import share_rows  # noqa: E402
 
 
 HISTORY_DECAY = 0.7
@@ -114,14 +116,9 @@ def per_request(survival: torch.Tensor, accepted: torch.Tensor, cost: CostProfil
     """(committed tokens, ms) of the best per-request lengths: the n largest survivals of the batch (``bucketed``:
     n a multiple of the batch size)."""
     bs, gamma = survival.shape
-    order = survival.flatten().argsort(descending=True)
-    cumulative = torch.cat([torch.zeros(1, dtype=survival.dtype), survival.flatten()[order].cumsum(0)])
     sizes = range(0, bs * gamma + 1, bs if bucketed else 1)
-    n = max(sizes, key=lambda n: (bs + float(cumulative[n])) / step_ms(cost, overhead_ms, bs, n))
-    lengths = torch.zeros(bs * gamma, dtype=torch.int64)
-    lengths[order[:n]] = 1
-    lengths = lengths.view(bs, gamma).sum(1)
-    return float(bs + torch.minimum(accepted, lengths).sum()), step_ms(cost, overhead_ms, bs, n)
+    n, drafts = share_rows(survival.numpy(), sizes, lambda n: step_ms(cost, overhead_ms, bs, n))
+    return float(bs + torch.minimum(accepted, torch.from_numpy(drafts)).sum()), step_ms(cost, overhead_ms, bs, n)
 
 
 def oracle(accepted: torch.Tensor, cost: CostProfile, overhead_ms: float) -> tuple[float, float]:
