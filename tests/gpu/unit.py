@@ -468,9 +468,11 @@ def check_sync_free_verify_plan(report: Report) -> None:
     plan (``fast_prefill_plan``) knows only upper bounds of the KV lengths, as DSPARK's worker plans them;
     the true lengths reach the kernel on the device. Compared row by row with a float32 reference attention
     (row j of a request attends to its first ``L - W + j + 1`` slots): exact without a KV split (what the
-    patch plans) for 1 and 8 rows per request; with the split, exact for one row per request. 8 rows with the
-    split are recorded, not checked: wrong in 2 of 24 trials in one run (a misplaced layout when a bound crosses
-    a chunk boundary that the true length does not), right in all 24 of another. The product keeps one-row
+    patch plans) for 1 and 8 rows per request, and for per-request lengths 1..8 replayed in a plan captured
+    with 4 rows per request (``SGLANG_DSPARK_PER_REQUEST_LENGTHS``: the host plan gets the lengths too, so its
+    output offsets match); with the split, exact for one row per request. 8 rows with the split are recorded,
+    not checked: wrong in 2 of 24 trials in one run (a misplaced layout when a bound crosses a chunk boundary
+    that the true length does not), right in all 24 of another. The product keeps one-row
     verifies unsplit too: a split's chunk size depends on the whole batch, so a request's logits would too
     (README, "KV split of the sync-free plan")."""
     from flashinfer import BatchPrefillWithPagedKVCacheWrapper
