@@ -583,7 +583,7 @@ def check_planner_observe(report: Report) -> None:
         torch.cuda.set_sync_debug_mode("error")
         for logits, accepted, verified in on_device:
             on_gpu.observe(logits, accepted, verified)
-        pinned = all(t.is_pinned() for _, c, a, _ in on_gpu._pending for t in (c, a))
+        pinned = all(t.is_pinned() for _, c, a, *_ in on_gpu._pending for t in (c, a))
         no_sync = True
     except RuntimeError as e:
         pinned, no_sync = False, str(e)[:300]
