@@ -2,7 +2,7 @@
 
     python tests/gpu/issue6.py            (run it as: bash tests/gpu/run.sh issue6)
 
-Servers (the tiny pair, ``tests/fixtures/tiny-qwen3`` target; all with CUDA graphs and up to 64 running
+Servers (the tiny pair, ``tests/fixtures/tiny-qwen3`` target; all with CUDA graphs, ``--sleep-on-idle`` and up to 64 running
 requests, no radix cache, ``--mem-fraction-static 0.15``, input ids in, no tokenizer):
 
   nospec       no speculation (alive for parts a and b: both compare with it)
@@ -104,8 +104,10 @@ CALIB_LOADS = ((8, 32), (64, 64))  # (concurrency, requests), 256 new tokens eac
 # COMMON_SERVER_ARGS (harness) first, these after them (a repeated flag overrides): the tiny target's 2048
 # positions, CUDA graphs and running requests up to 64 (the largest concurrency), no radix cache (the same prompts
 # are sent again in every round and concurrency), a decode log line every 40 steps instead of every step.
+# --sleep-on-idle: an idle SGLang scheduler otherwise spins a CPU thread at 100%; with up to five servers up at once
+# on the device's 16 CPUs, the spinning idle ones slow the measured (host-bound) one by varying amounts.
 TINY_ARGS = ["--context-length", "2048", "--mem-fraction-static", "0.15", "--cuda-graph-max-bs-decode", "64",
-             "--max-running-requests", "64", "--disable-radix-cache", "--decode-log-interval", "40"]
+             "--max-running-requests", "64", "--disable-radix-cache", "--decode-log-interval", "40", "--sleep-on-idle"]
 DETERMINISTIC_ARGS = ["--enable-deterministic-inference"]
 # Below Linux's ephemeral range (32768..): a server's own NCCL port is any free one there, so an HTTP port in it can
 # be taken by the server started just before (it happened to det-nospec's 34800).

@@ -42,7 +42,7 @@ log() { echo "[run.sh $(date +%H:%M:%S)] $*"; }
 : "${SGLANG_SITE:?run this through .device/sgl-run.sh, which unpacks SGLang and sets SGLANG_SITE}"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export GIT_COMMIT=${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-nvidia-smi > "$LOGS/nvidia-smi.txt" 2>&1
+nvidia-smi > "$LOGS/nvidia-smi.txt" 2>&1; lscpu > "$LOGS/lscpu.txt" 2>&1
 
 log "patching SGLang in $SGLANG_SITE"
 python3 -m sglang_dspark.patching apply --site "$SGLANG_SITE" > "$LOGS/patching.log" 2>&1 \
