@@ -29,8 +29,9 @@ a. goodput: HumanEval prompts (``harness.HUMANEVAL``, fixture tokenizer), greedy
    points measured back to back in one round; those ratios for scheduled / full and best-of-rounds ratios are
    recorded too); the gain of scheduled over full at 64 is stated. Why side by side for scheduled / full: the
    tiny pair's host speed swings by up to 2x within seconds (SGLang's 40-step throughput lines of one server in
-   ``issue6.json``'s logs), so two servers measured one after the other disagree by more than the claim, while two
-   servers under load at the same moment share it. Accept lengths (completion tokens / verify steps per point,
+   ``issue6.json``'s logs), so two servers measured one after the other disagree by more than the claim; two
+   servers under load at the same moment share more of it, not all (single side-by-side rounds of two servers
+   verifying the same widths ranged 0.75-1.12 in session 9's runs). Accept lengths (completion tokens / verify steps per point,
    ``/server_info`` ``avg_spec_accept_length`` per server).
 b. weak drafter, same load: nospec, weak-full, weak-sched (and weak-recal). Checks: the weak drafter commits
    <= 1.3 tokens per verify step (the premise), weak-sched >= nospec x 0.90 at 32 and 64 (median paired ratios as
@@ -104,8 +105,8 @@ CALIB_LOADS = ((8, 32), (64, 64))  # (concurrency, requests), 256 new tokens eac
 # COMMON_SERVER_ARGS (harness) first, these after them (a repeated flag overrides): the tiny target's 2048
 # positions, CUDA graphs and running requests up to 64 (the largest concurrency), no radix cache (the same prompts
 # are sent again in every round and concurrency), a decode log line every 40 steps instead of every step.
-# --sleep-on-idle: an idle SGLang scheduler otherwise spins a CPU thread at 100%; with up to five servers up at once
-# on the device's 16 CPUs, the spinning idle ones slow the measured (host-bound) one by varying amounts.
+# --sleep-on-idle: an idle SGLang scheduler otherwise spins a CPU thread at 100%, and up to five servers are up at once
+# on the device's 16 vCPUs. (It did not remove the tiny pair's swings between points: issue6.json vs issue6.run6.json.)
 TINY_ARGS = ["--context-length", "2048", "--mem-fraction-static", "0.15", "--cuda-graph-max-bs-decode", "64",
              "--max-running-requests", "64", "--disable-radix-cache", "--decode-log-interval", "40", "--sleep-on-idle"]
 DETERMINISTIC_ARGS = ["--enable-deterministic-inference"]
