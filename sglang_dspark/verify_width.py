@@ -184,10 +184,15 @@ class WidthPlanner:
         self._plain_steps, self._probe_every = 0, min(2 * self._probe_every, self.probe_max)
         return 2, None
 
+    def request_survival(self, rids: Sequence[str]) -> np.ndarray:
+        """The requests' survival estimates from their own acceptance histories, float ``[len(rids), gamma]`` (the
+        last observed batch's mean for a request without one; after at least one observed step)."""
+        return np.stack([self._history.get(rid, self._mean_survival) for rid in rids])
+
     def _ragged(self, bs: int, rids: Sequence[str]) -> tuple[int, Optional[list[int]]]:
-        """Width ``W`` and lengths: ``share_rows`` over the requests' own histories (the batch mean for a request
-        without one), the ``bs * (W - 1)`` draft rows of each width ``W``."""
-        survival = np.stack([self._history.get(rid, self._mean_survival) for rid in rids])  # [bs, gamma]
+        """Width ``W`` and lengths: ``share_rows`` over ``request_survival``, the ``bs * (W - 1)`` draft rows of
+        each width ``W``."""
+        survival = self.request_survival(rids)  # [bs, gamma]
         sizes = [bs * (w - 1) for w in range(1, self.gamma + 2)]
         rows, drafts = share_rows(survival, sizes, lambda n: self.step_ms(bs, n // bs + 1))
         best = rows // bs + 1
@@ -242,7 +247,7 @@ class WidthPlanner:
         self.gains = [0.0, 0.0] + survival.cumsum(axis=-1).mean(axis=0).tolist()  # G[W]: W - 1 drafts verified
         self._mean_survival = survival.mean(axis=0)
         if rids is not None:
-            old = np.stack([self._history.get(rid, self._mean_survival) for rid in rids])
+            old = self.request_survival(rids)
             new = next_history(old, seen, hits, self._mean_survival, self.HISTORY_DECAY)
             # Requests not in this step have finished (every running request is in every drafted step).
             self._history = dict(zip(rids, new))

@@ -26,8 +26,8 @@ lagged choice: only fully verified records whose request has an earlier drafted 
 policies choose from the survivals of that earlier record (the previous drafted step's head, the only
 information a sync-free server has when it plans), scored with the current record's acceptance
 (``per_step_lagged``, ``per_request_lagged``, their ratio). It also scores per-request lengths from each request's
-own acceptance history instead of its head (``per_request_history``: survival of position ``k`` = a decayed mean of
-``[a > k]`` over the request's earlier drafted steps, decay ``HISTORY_DECAY``), and both per-request choices
+own acceptance history instead of its head (``per_request_history``: the server's own estimate, the records fed
+step by step to a ``WidthPlanner`` and read with ``request_survival`` before each step), and both per-request choices
 ``_bucketed``: the total of verified tokens a multiple of the batch size, what a server replaying its per-width
 CUDA graphs as buckets of total tokens could run.
 """
@@ -41,50 +41,56 @@ import sys
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmark.tiny.data import read_jsonl  # noqa: E402
-from sglang_dspark.cost_profile import CostProfile  # noqa: E402
-from sglang_dspark.verify_width import share_rows  # noqa: E402
-
-
-HISTORY_DECAY = 0.7
+from sglang_dspark.cost_profile import CostProfile, builtin_profile  # noqa: E402
+from sglang_dspark.verify_width import WidthPlanner, share_rows  # noqa: E402
 
 
 class Records(NamedTuple):
     confidence: torch.Tensor  # float64 [n, gamma]
     accepted: torch.Tensor  # int64 [n]
     previous: Optional[torch.Tensor]  # float64 [n, gamma]: the request's confidences one drafted step earlier
-    history: Optional[torch.Tensor]  # float64 [n, gamma]: decayed mean of [a > k] over the request's earlier steps
+    history: Optional[torch.Tensor]  # float64 [n, gamma]: the server's survival estimate from earlier steps
 
 
 def load_records(path: Path, lagged: bool = False) -> Records:
     """Fully verified records; with ``lagged`` only those whose request has an earlier drafted record, with
-    that record's confidences and the request's acceptance history (else both None)."""
+    that record's confidences and the request's survival estimate from its acceptance history as the server keeps
+    it before this step (the steps fed in order to a ``WidthPlanner``: its running calibration, its
+    ``next_history``, the batch mean for a new request), else both None."""
     rows = read_jsonl(path)
     gamma = max(len(r["confidence"]) for r in rows)
+    if not lagged:
+        rows = [r for r in rows if r["verified"] == gamma]
+        return Records(torch.tensor([r["confidence"] for r in rows], dtype=torch.float64),
+                       torch.tensor([r["accepted"] for r in rows], dtype=torch.int64), None, None)
+    planner = WidthPlanner(gamma, builtin_profile(1e9), ragged=True)  # the cost profile is not used here
+    steps: dict[int, list[dict]] = {}
+    for r in rows:
+        steps.setdefault(r["step"], []).append(r)
     previous: dict[str, list[float]] = {}
-    history: dict[str, torch.Tensor] = {}
     kept, earlier, past = [], [], []
-    for r in sorted(rows, key=lambda r: r["step"]) if lagged else rows:
-        rid = r.get("rid")
-        if r["verified"] == gamma and (not lagged or rid in previous):
-            kept.append(r)
-            earlier.append(previous.get(rid))
-            past.append(history[rid].cummin(0).values if lagged else None)  # survivals never rise with k
-        if lagged:
-            previous[rid] = r["confidence"]
-            # A position the step did not verify says nothing: only positions up to ``verified`` are updated.
-            reached = torch.arange(gamma) < r["verified"]
-            hit = (torch.arange(gamma) < r["accepted"]).double()
-            old = history.get(rid, hit)
-            history[rid] = torch.where(reached, HISTORY_DECAY * old + (1 - HISTORY_DECAY) * hit, old)
-    as_tensor = lambda x: torch.tensor(x, dtype=torch.float64) if lagged else None  # noqa: E731
+    for step in sorted(steps):
+        batch = steps[step]
+        for r in batch:
+            if r["verified"] == gamma and r["rid"] in previous:
+                kept.append(r)
+                earlier.append(previous[r["rid"]])
+                past.append(planner.request_survival([r["rid"]])[0])
+        for r in batch:
+            previous[r["rid"]] = r["confidence"]
+        confidence = torch.tensor([r["confidence"] for r in batch], dtype=torch.float64).clamp(1e-7, 1 - 1e-7)
+        planner.observe(torch.logit(confidence).float(), torch.tensor([r["accepted"] for r in batch]),
+                        [r["verified"] for r in batch], [r["rid"] for r in batch])
     return Records(torch.tensor([r["confidence"] for r in kept], dtype=torch.float64),
-                   torch.tensor([r["accepted"] for r in kept], dtype=torch.int64), as_tensor(earlier),
-                   torch.stack(past) if lagged and past else None)
+                   torch.tensor([r["accepted"] for r in kept], dtype=torch.int64),
+                   torch.tensor(earlier, dtype=torch.float64),
+                   torch.tensor(np.stack(past), dtype=torch.float64) if past else None)
 
 
 def calibrated_survival(confidence: torch.Tensor, accepted: torch.Tensor,

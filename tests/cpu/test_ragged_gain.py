@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmark" / "anal
 
 from ragged_gain import calibrated_survival, compare, load_records, oracle, per_request, per_step  # noqa: E402
 
-from sglang_dspark.cost_profile import CostProfile  # noqa: E402
+from sglang_dspark.cost_profile import CostProfile, builtin_profile  # noqa: E402
+from sglang_dspark.verify_width import WidthPlanner  # noqa: E402
 
 # Verification costs 1 ms per 10 tokens on top of 1 ms; a draft pass 1 ms.
 COST = CostProfile(points=((1, 1.1), (1001, 101.1)), draft_points=((1, 1.0), (64, 1.0)))
@@ -77,9 +79,20 @@ def test_lagged_records_pair_each_request_with_its_previous_drafted_step(tmp_pat
     confidence, accepted, previous, history = load_records(path, lagged=True)
     assert confidence.tolist() == [[0.5, 0.6], [0.9, 0.9], [0.7, 0.8]] and accepted.tolist() == [2, 0, 2]
     assert previous.tolist() == [[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]]
-    # a: accepted 1 then 2 -> [1, 0] then 0.7 * [1, 0] + 0.3 * [1, 1]; b: 0 of 1 verified, position 2 unknown
-    # (kept at its first value, 0) -> survivals never rise with the position
-    assert torch.allclose(history, torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 0.3]], dtype=torch.float64))
+    # The history is the server's: a planner observing the steps in order, read before each step.
+    planner = WidthPlanner(2, builtin_profile(1e9), ragged=True)
+    want = []
+    for step, batch in ((0, [rows[0], rows[1]]), (1, [rows[3], rows[4]]), (2, [rows[2]])):
+        if step == 1:
+            want += [planner.request_survival(["a", "b"])]
+        if step == 2:
+            want += [planner.request_survival(["a"])]
+        logits = torch.logit(torch.tensor([r["confidence"] for r in batch], dtype=torch.float64)).float()
+        planner.observe(logits, torch.tensor([r["accepted"] for r in batch]), [r["verified"] for r in batch],
+                        [r["rid"] for r in batch])
+    assert torch.allclose(history, torch.tensor(np.concatenate(want), dtype=torch.float64))
+    # b verified one draft and missed it: position 1 moved toward 0, position 2 (not verified) toward the batch mean
+    assert history[1, 0] < history[0, 0] and history[1, 1] > 0
     records = load_records(path)  # every fully verified record, no pairing
     assert len(records.accepted) == 4 and records.previous is None and records.history is None
 
