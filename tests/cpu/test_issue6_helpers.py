@@ -218,12 +218,24 @@ class FakeServer:
 
 
 def test_common_window_counts_only_while_every_load_runs(issue6):
-    """Two loads started at 0: a finishes at 10 s, b at 12 s; b's request finished at 11 s ran alone and is
-    left out, so each goodput is over the same 10 s."""
-    finishes = {"a": [(4.0, 256), (10.0, 256)], "b": [(5.0, 256), (9.0, 256), (11.0, 256), (12.0, 256)]}
-    got = issue6.common_window(finishes, 0.0)
+    """Two loads started at 0: a finishes at 10 s, b at 12 s. b's request running from 9 s to 11 s counts half its
+    tokens (1 of its 2 s is in the window); the one from 11 s to 12 s ran alone and is left out; so each goodput is
+    over the same 10 s."""
+    requests = {"a": [(0.0, 4.0, 256), (4.0, 10.0, 256)],
+                "b": [(0.0, 5.0, 256), (5.0, 9.0, 256), (9.0, 11.0, 256), (11.0, 12.0, 256)]}
+    got = issue6.common_window(requests, 0.0)
     assert got == {"a": {"window_s": 10.0, "requests_in_window": 2, "output_tok_s": 51.2},
-                   "b": {"window_s": 10.0, "requests_in_window": 2, "output_tok_s": 51.2}}
+                   "b": {"window_s": 10.0, "requests_in_window": 2, "output_tok_s": 64.0}}
+
+
+def test_common_window_does_not_penalise_the_load_that_finishes_second(issue6):
+    """Two loads at the same steady rate (c1: one request at a time, 1 s each), b started 0.1 s later: counting
+    finished requests only, b would show 23 / 24 of a's goodput; pro rata it shows a's."""
+    requests = {"a": [(float(i), i + 1.0, 256) for i in range(24)],
+                "b": [(i + 0.1, i + 1.1, 256) for i in range(24)]}
+    got = issue6.common_window(requests, 0.0)
+    assert got["b"]["requests_in_window"] == 23
+    assert got["b"]["output_tok_s"] == pytest.approx(got["a"]["output_tok_s"], rel=0.01)
 
 
 def test_side_by_side_rounds_measure_both_servers_at_once(issue6, monkeypatch):
