@@ -143,7 +143,8 @@ def test_part_a_checks_pass_and_fail(issue6):
     base = {1: 400.0, 8: 3000.0, 32: 9000.0, 64: 14000.0}
     good = {"nospec": base, "full": {c: v * 1.2 for c, v in base.items()},
             "scheduled": {c: v * 1.25 for c, v in base.items()}}
-    side = {"full": {c: v * 0.8 for c, v in good["full"].items()},  # side by side both run slower
+    side = {"nospec": {c: v * 0.8 for c, v in base.items()},  # side by side all run slower
+            "full": {c: v * 0.8 for c, v in good["full"].items()},
             "scheduled": {c: v * 0.8 * (1.1 if c == 64 else 1.0) for c, v in good["full"].items()}}
     report = issue6.Report("issue6-test")
     issue6.part_a_checks(report, fake_state(issue6, good, {"full": 4.5, "scheduled": 4.2}, side))
@@ -151,19 +152,24 @@ def test_part_a_checks_pass_and_fail(issue6):
     part = report.data["results"]["part_a"]
     assert part["gain_scheduled_over_full_c64"] == pytest.approx(0.1, abs=1e-3)  # side by side
     assert part["gain_scheduled_over_full_c64_one_after_the_other"] == pytest.approx(1.25 / 1.2 - 1, abs=1e-3)
+    assert part["side_by_side"]["scheduled_over_nospec"][0]["ratio"] == pytest.approx(1.2)
     assert part["accept_length"]["full"] == pytest.approx(4.5, abs=0.01)
 
-    # One after the other 5 % below full at 64: recorded, not a failure; side by side 5 % below: the check fails.
-    bad = {**good, "scheduled": {**good["scheduled"], 64: good["full"][64] * 0.95}}
-    bad_side = {**side, "scheduled": {**side["scheduled"], 64: side["full"][64] * 0.95}}
+    # One after the other 5 % below full or nospec at 64: recorded, not a failure; side by side 5 % below: the check
+    # fails.
+    bad = {**good, "scheduled": {**good["scheduled"], 64: good["nospec"][64] * 0.95}}
     report = issue6.Report("issue6-test")
     issue6.part_a_checks(report, fake_state(issue6, bad, {}, side))
     assert report.ok, report.data["checks"]
-    report = issue6.Report("issue6-test")
-    issue6.part_a_checks(report, fake_state(issue6, good, {}, bad_side))
-    failed = [c["name"] for c in report.data["checks"] if not c["ok"]]
-    assert failed == ["part a: scheduled goodput >= full x 0.97 at concurrency 1, 8, 32, 64, the two served side "
-                      "by side (median over rounds)"]
+    for den in ("full", "nospec"):  # (full below nospec at 64 for the second, so that only one check fails)
+        full_64 = side["full"][64] if den == "full" else side["nospec"][64] * 0.9
+        bad_side = {**side, "full": {**side["full"], 64: full_64}}
+        bad_side["scheduled"] = {**side["scheduled"], 64: side[den][64] * 0.95}
+        report = issue6.Report("issue6-test")
+        issue6.part_a_checks(report, fake_state(issue6, good, {}, bad_side))
+        failed = [c["name"] for c in report.data["checks"] if not c["ok"]]
+        assert failed == [f"part a: scheduled goodput >= {den} x 0.97 at concurrency 1, 8, 32, 64, served side by "
+                          "side (median over rounds)"]
 
     missing = {**good, "scheduled": {c: v for c, v in good["scheduled"].items() if c != 32}}
     report = issue6.Report("issue6-test")
@@ -238,22 +244,24 @@ def test_common_window_does_not_penalise_the_load_that_finishes_second(issue6):
     assert got["b"]["output_tok_s"] == pytest.approx(got["a"]["output_tok_s"], rel=0.01)
 
 
-def test_side_by_side_rounds_measure_both_servers_at_once(issue6, monkeypatch):
-    """full takes 4 ms a request, scheduled 2 ms, served at the same time: over the shared window scheduled's
-    goodput is about twice full's; every concurrency, every round; a round that does not fit is skipped."""
+def test_side_by_side_rounds_measure_the_three_servers_at_once(issue6, monkeypatch):
+    """nospec and full take 4 ms a request, scheduled 2 ms, served at the same time: over the shared window
+    scheduled's goodput is about twice the others'; every concurrency, every round; a round that does not fit is
+    skipped."""
     monkeypatch.setattr(issue6, "TOGETHER_REQUESTS", {1: 20, 8: 40, 32: 64, 64: 128})
     monkeypatch.setattr(issue6, "TOGETHER_ROUNDS", 2)
-    state = {name: {"server": FakeServer(name, [], delay=d), "points": {}} for name, d in (("full", 0.004),
-                                                                                          ("scheduled", 0.002))}
+    state = {name: {"server": FakeServer(name, [], delay=d), "points": {}}
+             for name, d in (("nospec", 0.004), ("full", 0.004), ("scheduled", 0.002))}
     skipped: list = []
     issue6.together_rounds(state, [[1, 2, 3]] * 10, issue6.Clock("UNSET_T0", 1000.0), 0.0, skipped)
-    assert skipped == [] and sorted(state["full"]["together"]) == [1, 8, 32, 64]
+    assert skipped == [] and all(sorted(state[n]["together"]) == [1, 8, 32, 64] for n in issue6.PART_A)
     for c in (1, 8, 32, 64):
         full, sched = state["full"]["together"][c], state["scheduled"]["together"][c]
         assert [p["round"] for p in full] == [1, 2] and full[0]["window_s"] == sched[0]["window_s"]
-    c1 = [s["output_tok_s"] / f["output_tok_s"] for f, s in zip(state["full"]["together"][1],
-                                                                state["scheduled"]["together"][1])]
-    assert all(1.3 < r < 3.0 for r in c1), c1
+    for den in ("full", "nospec"):
+        c1 = [s["output_tok_s"] / f["output_tok_s"] for f, s in zip(state[den]["together"][1],
+                                                                    state["scheduled"]["together"][1])]
+        assert all(1.3 < r < 3.0 for r in c1), c1
     issue6.together_rounds(state, [[1, 2, 3]] * 10, issue6.Clock("UNSET_T0", 10.0), 0.0, skipped)
     assert skipped and "side by side round 1" in skipped[0]
 
