@@ -57,7 +57,7 @@ def point(issue6, c: int, tok_s: float, accept: float | None = None) -> dict:
 def test_knobs(load_issue6):
     mod = load_issue6()
     assert mod.WEAK_CONF_SHIFT == -3.0 and mod.WEAK_NOISE == 2.0 and not mod.SKIP_IDENTITY
-    assert (mod.ROUNDS, mod.ROUNDS_A) == (2, 4)
+    assert (mod.ROUNDS, mod.ROUNDS_A, mod.TOGETHER_ROUNDS) == (2, 2, 5)
     mod = load_issue6(ISSUE6_WEAK_CONF_SHIFT="none", ISSUE6_WEAK_NOISE="4", ISSUE6_SKIP_IDENTITY="1")
     assert mod.WEAK_CONF_SHIFT is None and mod.WEAK_NOISE == 4.0 and mod.SKIP_IDENTITY
     assert mod.CONCURRENCIES == (1, 8, 32, 64)
@@ -264,6 +264,16 @@ def test_side_by_side_rounds_measure_the_three_servers_at_once(issue6, monkeypat
         assert all(1.3 < r < 3.0 for r in c1), c1
     issue6.together_rounds(state, [[1, 2, 3]] * 10, issue6.Clock("UNSET_T0", 10.0), 0.0, skipped)
     assert skipped and "side by side round 1" in skipped[0]
+
+
+def test_side_by_side_loads_stop_sending_once_one_has_finished(issue6, monkeypatch):
+    """scheduled (2 ms a request) finishes its 40 requests first; nospec (20 ms) then sends no more: it has sent
+    its first one or two waves of 8, the requests running at that moment finished, all counted pro rata."""
+    monkeypatch.setattr(issue6, "TOGETHER_REQUESTS", {8: 40})
+    servers = {"nospec": FakeServer("nospec", [], delay=0.02), "scheduled": FakeServer("scheduled", [], delay=0.002)}
+    points = issue6.measure_together(servers, [[1, 2, 3]] * 10, 8)
+    assert points["scheduled"]["requests"] == 40 and 8 <= points["nospec"]["requests"] < 24, points
+    assert points["nospec"]["wall_s"] == points["scheduled"]["wall_s"]
 
 
 def test_goodput_round_measures_each_concurrency_back_to_back(issue6):

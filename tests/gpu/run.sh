@@ -15,8 +15,8 @@
 #        issue6 (tests/gpu/issue6.py: confidence-scheduled vs full verification vs no speculation on the tiny pair,
 #        goodput at concurrency 1/8/32/64, a weak drafter made by benchmark/tiny/weaken.py, greedy identity under
 #        --enable-deterministic-inference, the calibration log through benchmark/analysis/calibration.py; within
-#        ISSUE6_BUDGET_S, default 500 s from this script's start; ISSUE6_ROUNDS_A (4) and ISSUE6_ROUNDS (2)
-#        goodput rounds of parts a and b,
+#        ISSUE6_BUDGET_S, default 500 s from this script's start; ISSUE6_TOGETHER_ROUNDS (5) side-by-side rounds
+#        and ISSUE6_ROUNDS_A (2) one-after-the-other rounds of part a, ISSUE6_ROUNDS (2) rounds of part b,
 #        ISSUE6_SKIP_IDENTITY=1 skips the identity part, ISSUE6_WEAK_NOISE (2.0), ISSUE6_WEAK_CONF_SHIFT (-3.0, or
 #        none); results $OUT/issue6.json and $OUT/issue6-calibration*; server logs in $ISSUE6_LOG_DIR
 #        (/tmp/issue6-logs), packed into $OUT/issue6-logs.tar.gz),
