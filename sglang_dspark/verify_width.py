@@ -21,7 +21,9 @@ measured, so choosing it adds no host synchronisation:
   small models, where every width costs about the same): the host clock between two steps minus the
   profile's cost of the earlier one, averaged. ``W = 1`` is a plain decode step: nothing is
   drafted, so nothing new is measured; every ``probe`` such steps (doubling while the answer stays 1) one
-  step drafts and verifies ``W = 2`` to measure again.
+  step drafts and verifies ``W = 2`` to measure again. One drafted step in ``OBSERVE_EVERY`` is observed (and
+  every probe): the copies and the fold cost the host about 0.1 ms (``benchmark/tiny/planner_cost.py``), 4% of a
+  tiny model's step, while the calibration (decayed per sample) and ``G`` need no more than a sample of steps.
 * ``VerifyGraphs`` holds the target's ``TARGET_VERIFY`` CUDA graphs for widths ``1..gamma`` (SGLang's own
   runner holds ``gamma + 1``), each with an attention backend of its own, and times them for the cost
   profile (``measure_profile``).
@@ -76,6 +78,7 @@ class WidthPlanner:
     LOG_EVERY_S = 60.0  # a summary of the widths chosen, in the server log
     GAP_FACTOR, GAP_MS = 3.0, 20.0  # a gap longer than 3 x the predicted step + 20 ms was not one step (idle, prefill)
     MAX_PENDING = 8  # observed steps whose host copies are in flight
+    OBSERVE_EVERY = 8  # drafted steps per observed one (probes are always observed; every step when ``ragged``)
     RAGGED_MIN_BS = 32  # per-request lengths lost 1% at batch 16 and gained 3% at 32-64 on logged steps
     HISTORY_DECAY = 0.7  # per observed step of the request
 
@@ -106,6 +109,8 @@ class WidthPlanner:
         self._history: dict[str, np.ndarray] = {}  # rid -> [gamma] survival estimate from its own acceptances
         self._plain_steps = 0
         self._probe_every = self.probe_first
+        self._drafted = 0  # drafted steps chosen from measured gains (probes not counted)
+        self._observe_next = True  # whether ``observe`` takes the step planned last
 
     def step_ms(self, bs: int, width: int) -> float:
         """Predicted ms of a step: the profile's draft (when drafting) and verify, plus the measured overhead."""
@@ -120,10 +125,6 @@ class WidthPlanner:
                              for w in range(1, self.gamma + 2)]
             self._costs[bs] = costs
         return costs
-
-    def theta(self, bs: int, width: int, gains: Sequence[float]) -> float:
-        """Expected committed tokens per ms of a step of ``bs`` requests verifying ``width`` tokens each."""
-        return bs * (1.0 + gains[width]) / self.step_ms(bs, width)
 
     def width(self, bs: int) -> int:
         """The verify width (``1..gamma + 1``) of the next step of ``bs`` requests: host only, no sync."""
@@ -168,20 +169,24 @@ class WidthPlanner:
             self.overhead_ms = self.OVERHEAD_DECAY * self.overhead_ms + (1 - self.OVERHEAD_DECAY) * sample
 
     def _choose(self, bs: int, rids: Optional[Sequence[str]]) -> tuple[int, Optional[list[int]]]:
-        if self.gains is None:  # nothing measured yet: verify everything
+        if self.gains is None:  # nothing measured yet: verify everything (and observe every step)
             return self.gamma + 1, None
         lengths = None
         if self.ragged and rids is not None and bs >= self.RAGGED_MIN_BS and self._mean_survival is not None:
             best, lengths = self._ragged(bs, rids)
-        else:
-            best = max(range(1, self.gamma + 2), key=lambda w: self.theta(bs, w, self.gains))
+        else:  # expected committed tokens per ms, bs * (1 + G[W]) / step_ms(bs, W), without the common factor bs
+            gains, costs, overhead = self.gains, self._gpu_ms(bs), self.overhead_ms
+            best = max(range(1, self.gamma + 2), key=lambda w: (1.0 + gains[w]) / (overhead + costs[w]))
         if best > 1:
             self._plain_steps, self._probe_every = 0, self.probe_first
+            self._drafted += 1
+            self._observe_next = self.ragged or self._drafted % self.OBSERVE_EVERY == 0
             return best, lengths
         self._plain_steps += 1
         if self._plain_steps < self._probe_every:
             return 1, None
         self._plain_steps, self._probe_every = 0, min(2 * self._probe_every, self.probe_max)
+        self._observe_next = True  # a probe
         return 2, None
 
     def request_survival(self, rids: Sequence[str]) -> np.ndarray:
@@ -211,9 +216,9 @@ class WidthPlanner:
         """After a drafted step: copy the head's logits float ``[bs, gamma]`` and the accepted counts int ``[bs]``
         to the host without blocking; a later ``plan`` folds them in once they have landed. ``verified``: the
         drafts verified per request (one number for all, or one each, >= 1); ``rids``: the requests, for their
-        histories (``ragged``). While ``MAX_PENDING`` copies are still in flight (a device far behind the host)
-        the step is left out."""
-        if len(self._pending) >= self.MAX_PENDING:
+        histories (``ragged``). A step is left out when ``plan`` chose not to observe it (``OBSERVE_EVERY``) or while
+        ``MAX_PENDING`` copies are still in flight (a device far behind the host)."""
+        if not self._observe_next or len(self._pending) >= self.MAX_PENDING:
             return
         rids = list(rids) if self.ragged and rids is not None else None
         if not accepted.is_cuda:

@@ -69,6 +69,28 @@ def test_bad_drafts_plain_decode_with_probes():
     assert planner.width(32) > 1
 
 
+def test_one_drafted_step_in_observe_every_is_observed():
+    """Once gains are measured, ``observe`` takes one drafted step in ``OBSERVE_EVERY`` (the host copies and the
+    fold cost about 0.1 ms a step), every probe, and every step while per-request lengths are on."""
+    every = WidthPlanner.OBSERVE_EVERY
+    for ragged in (False, True):
+        planner = WidthPlanner(GAMMA, COST, ragged=ragged)
+        observe(planner, 0.9, [GAMMA] * 4)  # before any plan: observed
+        folded = []
+        for _ in range(3 * every):
+            planner.plan(4)
+            before = planner.predicted.copy()
+            observe(planner, 0.9, [GAMMA] * 4)
+            folded.append(not np.array_equal(before, planner.predicted))
+        assert sum(folded) == (3 * every if ragged else 3) and (ragged or folded[every - 1])
+    planner = WidthPlanner(GAMMA, COST, probe=(4, 16))
+    observe(planner, 0.6, [0] * 32, verified=1)  # nothing accepted: plain decode steps, then a probe
+    assert [planner.width(32) for _ in range(4)] == [1, 1, 1, 2]
+    before = planner.accepted.copy()
+    observe(planner, 0.6, [1] * 32, verified=1)
+    assert planner.accepted[0] > before[0]  # the probe was observed
+
+
 def test_observe_only_counts_reached_positions():
     """Position k is evidence only for requests whose drafts 1..k-1 were all accepted."""
     planner = WidthPlanner(GAMMA, COST, decay=1.0)
@@ -149,7 +171,7 @@ def test_overhead_widens_the_verify_at_high_load():
     planner = WidthPlanner(GAMMA, COST)
     planner.gains = [0.0, 0.0] + [sum(0.7**k for k in range(1, w)) for w in range(2, GAMMA + 2)]
     planner.overhead_ms = 40.0
-    best = max(range(1, GAMMA + 2), key=lambda w: planner.theta(64, w, planner.gains))
+    best = max(range(1, GAMMA + 2), key=lambda w: 64 * (1 + planner.gains[w]) / planner.step_ms(64, w))
     assert best > 3 and planner._choose(64, None) == (best, None)
 
 
