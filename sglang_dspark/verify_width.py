@@ -21,9 +21,10 @@ measured, so choosing it adds no host synchronisation:
   small models, where every width costs about the same): the host clock between two steps minus the
   profile's cost of the earlier one, averaged. ``W = 1`` is a plain decode step: nothing is
   drafted, so nothing new is measured; every ``probe`` such steps (doubling while the answer stays 1) one
-  step drafts and verifies ``W = 2`` to measure again. One drafted step in ``OBSERVE_EVERY`` is observed (and
-  every probe): the copies and the fold cost the host about 0.1 ms (``benchmark/tiny/planner_cost.py``), 4% of a
-  tiny model's step, while the calibration (decayed per sample) and ``G`` need no more than a sample of steps.
+  step drafts and verifies ``W = 2`` to measure again. Of the full-width steps one in ``OBSERVE_EVERY`` is
+  observed (narrower steps and probes all are): the copies and the fold cost the host about 0.1 ms a step
+  (``benchmark/tiny/planner_cost.py``), 4% of a tiny model's step, and a sample of full-width steps shows as
+  well as all of them when narrowing starts to pay.
 * ``VerifyGraphs`` holds the target's ``TARGET_VERIFY`` CUDA graphs for widths ``1..gamma`` (SGLang's own
   runner holds ``gamma + 1``), each with an attention backend of its own, and times them for the cost
   profile (``measure_profile``).
@@ -78,7 +79,8 @@ class WidthPlanner:
     LOG_EVERY_S = 60.0  # a summary of the widths chosen, in the server log
     GAP_FACTOR, GAP_MS = 3.0, 20.0  # a gap longer than 3 x the predicted step + 20 ms was not one step (idle, prefill)
     MAX_PENDING = 8  # observed steps whose host copies are in flight
-    OBSERVE_EVERY = 8  # drafted steps per observed one (probes are always observed; every step when ``ragged``)
+    OBSERVE_EVERY = 8  # full-width steps per observed one (narrower ones and probes are all observed, as is every
+    # step when ``ragged``): what decides to narrow can come from a sample, each narrowed step decides the next
     RAGGED_MIN_BS = 32  # per-request lengths lost 1% at batch 16 and gained 3% at 32-64 on logged steps
     HISTORY_DECAY = 0.7  # per observed step of the request
 
@@ -180,7 +182,7 @@ class WidthPlanner:
         if best > 1:
             self._plain_steps, self._probe_every = 0, self.probe_first
             self._drafted += 1
-            self._observe_next = self.ragged or self._drafted % self.OBSERVE_EVERY == 0
+            self._observe_next = self.ragged or best <= self.gamma or self._drafted % self.OBSERVE_EVERY == 0
             return best, lengths
         self._plain_steps += 1
         if self._plain_steps < self._probe_every:

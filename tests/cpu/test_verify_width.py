@@ -69,9 +69,9 @@ def test_bad_drafts_plain_decode_with_probes():
     assert planner.width(32) > 1
 
 
-def test_one_drafted_step_in_observe_every_is_observed():
-    """Once gains are measured, ``observe`` takes one drafted step in ``OBSERVE_EVERY`` (the host copies and the
-    fold cost about 0.1 ms a step), every probe, and every step while per-request lengths are on."""
+def test_one_full_width_step_in_observe_every_is_observed():
+    """Once gains are measured, ``observe`` takes one full-width step in ``OBSERVE_EVERY`` (the host copies and
+    the fold cost about 0.1 ms a step), every narrower step and probe, and every step with per-request lengths."""
     every = WidthPlanner.OBSERVE_EVERY
     for ragged in (False, True):
         planner = WidthPlanner(GAMMA, COST, ragged=ragged)
@@ -79,10 +79,18 @@ def test_one_drafted_step_in_observe_every_is_observed():
         folded = []
         for _ in range(3 * every):
             planner.plan(4)
-            before = planner.predicted.copy()
+            before = planner.gains
             observe(planner, 0.9, [GAMMA] * 4)
-            folded.append(not np.array_equal(before, planner.predicted))
+            folded.append(planner.gains is not before)  # a fold computes new gains
         assert sum(folded) == (3 * every if ragged else 3) and (ragged or folded[every - 1])
+    planner = WidthPlanner(GAMMA, COST)
+    for _ in range(100):
+        observe(planner, 0.9, [1] * 16)  # only the first draft accepted: width 2 at batch 1, every step observed
+    for _ in range(5):
+        assert planner.width(1) == 2
+        before = planner.gains
+        observe(planner, 0.9, [1] * 16)
+        assert planner.gains is not before
     planner = WidthPlanner(GAMMA, COST, probe=(4, 16))
     observe(planner, 0.6, [0] * 32, verified=1)  # nothing accepted: plain decode steps, then a probe
     assert [planner.width(32) for _ in range(4)] == [1, 1, 1, 2]
