@@ -587,7 +587,9 @@ class DSparkWorker(DFlashWorkerV2):
             if self._planner is not None:
                 self._planner.observe(block.confidence_logits, accepted, per_request, rids)
             if self._calibration_log is not None:
-                self._calibration_log.write(block.confidence_logits, accepted, per_request, [r.rid for r in batch.reqs])
+                self._calibration_log.write(
+                    block.confidence_logits, accepted, per_request, rids or [r.rid for r in batch.reqs]
+                )
         timer.mark("accept")
         if on_publish is not None:
             on_publish(layout.new_seq_lens)

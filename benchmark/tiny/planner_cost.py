@@ -57,10 +57,12 @@ def main() -> None:
     rows = {regime: {bs: per_step_us(bs, regime) for bs in (1, 8, 32, 64)} for regime in REGIMES}
     for regime, by_bs in rows.items():
         for bs, row in by_bs.items():
-            print(f"{regime} bs {bs}: plan {row['plan']} us, observe {row['observe']} us per step, widths {row['widths']}")
+            print(f"{regime} bs {bs}: plan {row['plan']} us, observe {row['observe']} us per step, "
+                  f"widths {row['widths']}")
     if len(sys.argv) > 1:
         with open(sys.argv[1], "w") as f:
-            json.dump({"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "steps": STEPS, "us_per_step": rows}, f, indent=1)
+            device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+            json.dump({"device": device, "steps": STEPS, "us_per_step": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
