@@ -17,9 +17,10 @@ time ``overhead + draft_ms(bs) [any draft] + verify_ms(tokens)``:
 
 Reported per batch size: committed tokens per ms that the logged acceptances give each policy (and full
 verification, no drafts, and an ``oracle`` that verifies exactly each request's accepted drafts, or none where
-drafting does not pay: what per-request lengths could give with perfect foresight), and the per-request / per-step and oracle / per-step ratios. Both choose from the current step's
-confidences; the server's per-step width uses earlier steps' (it cannot wait for these), so this is the gain
-of per-request lengths at equal information, an upper bound of what a lagged per-request choice could add.
+drafting does not pay: what per-request lengths could give with perfect foresight), and the per-request /
+per-step and oracle / per-step ratios. Both choose from the current step's confidences; the server's per-step
+width uses earlier steps' (it cannot wait for these), so this is the gain of per-request lengths at equal
+information, an upper bound of what a lagged per-request choice could add.
 
 ``--lagged`` (records with ``rid`` and ``step``, logged since the calibration log wrote them) measures that
 lagged choice: only fully verified records whose request has an earlier drafted record are kept, and both
@@ -109,12 +110,14 @@ def step_ms(cost: CostProfile, overhead_ms: float, bs: int, drafts: int) -> floa
     return overhead_ms + (cost.draft_ms(bs) if drafts > 0 else 0.0) + cost.verify_ms(bs + drafts)
 
 
-def per_step(survival: torch.Tensor, accepted: torch.Tensor, cost: CostProfile, overhead_ms: float) -> tuple[float, float]:
+def per_step(
+    survival: torch.Tensor, accepted: torch.Tensor, cost: CostProfile, overhead_ms: float
+) -> tuple[float, float]:
     """(committed tokens, ms) of the best single width for the batch."""
     bs, gamma = survival.shape
     expected = [bs + float(survival[:, :w].sum()) for w in range(gamma + 1)]  # w drafts per request
     w = max(range(gamma + 1), key=lambda w: expected[w] / step_ms(cost, overhead_ms, bs, bs * w))
-    return float(bs + accepted.clamp(max=w).sum()), step_ms(cost, overhead_ms, bs, bs * w)
+    return fixed(accepted, cost, overhead_ms, w)
 
 
 def per_request(survival: torch.Tensor, accepted: torch.Tensor, cost: CostProfile, overhead_ms: float,

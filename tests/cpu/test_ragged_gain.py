@@ -65,7 +65,8 @@ def test_bucketed_lengths_verify_a_multiple_of_the_batch_size():
 def test_oracle_verifies_exactly_the_accepted_drafts():
     tokens, ms = oracle(torch.tensor([3, 0, 1]), COST, 0.5)
     assert (tokens, round(ms, 6)) == (7.0, round(0.5 + 1.0 + 1.1 + 0.6, 6))  # 3 + 4 drafts: 7 tokens verified
-    assert oracle(torch.tensor([1, 0, 0]), COST, 0.5) == (3.0, pytest.approx(0.5 + 1.1 + 0.2))  # a draft pass not worth one token
+    # a draft pass not worth one token
+    assert oracle(torch.tensor([1, 0, 0]), COST, 0.5) == (3.0, pytest.approx(0.5 + 1.1 + 0.2))
 
 
 def test_lagged_records_pair_each_request_with_its_previous_drafted_step(tmp_path):

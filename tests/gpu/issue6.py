@@ -45,11 +45,12 @@ d. calibration: ``calib`` serves 32 prompts at concurrency 8 and 64 at 64 (256 t
    step records to ``$OUT/issue6-calibration-records.jsonl`` (render the plot elsewhere with the same command).
 
 Order: wave 1 (nospec, full, scheduled, calib) starts together; a round 1, d (calib stops), a side by side, a rounds
-2..; full and scheduled stop; wave 2 (the weak servers, and the identity pair unless skipped) starts together; b round 1, c, b rounds
-2... A round measures, at each concurrency in turn, every server of the part back to back (the tiny pair's
-goodput drifts by up to 1.6x over a run; points compared within a round are seconds apart). Rounds: part a
-``ISSUE6_ROUNDS_A`` (default 2; recorded only), part b ``ISSUE6_ROUNDS`` (default 2); a further round runs for a
-whole part or not at all, so every setting of a part has the same number of samples. Tables show the best point of the rounds.
+2..; full and scheduled stop; wave 2 (the weak servers, and the identity pair unless skipped) starts together;
+b round 1, c, b rounds 2... A round measures, at each concurrency in turn, every server of the part back to back
+(the tiny pair's goodput drifts by up to 1.6x over a run; points compared within a round are seconds apart).
+Rounds: part a ``ISSUE6_ROUNDS_A`` (default 2; recorded only), part b ``ISSUE6_ROUNDS`` (default 2); a further
+round runs for a whole part or not at all, so every setting of a part has the same number of samples. Tables
+show the best point of the rounds.
 Each point, round and part starts only when its estimated time fits in what is left of ``ISSUE6_BUDGET_S``
 (default 500 s, counted from ``ISSUE6_T0``, which run.sh sets). Server logs in ``$ISSUE6_LOG_DIR``
 (/tmp/issue6-logs), packed into ``$OUT/issue6-logs.tar.gz``; the weak drafters and the calibration work in
@@ -357,8 +358,7 @@ def together_rounds(state: dict[str, dict], prompts: list[list[int]], clock: Clo
     """``TOGETHER_ROUNDS`` rounds of the part-a servers (nospec, full, scheduled) side by side at every concurrency
     (points in ``state[name]["together"]``), each round only when its estimate fits with ``reserve_s`` kept free."""
     for round_no in range(1, TOGETHER_ROUNDS + 1):
-        runs = state["scheduled"].setdefault("together", {})
-        need = sum(point_estimate(runs.get(c, []), c) for c in CONCURRENCIES)
+        need = round_estimate(state["scheduled"].setdefault("together", {}), CONCURRENCIES)
         if clock.left() - STOP_S - reserve_s < need:
             skipped.append(f"part a side by side round {round_no}: needs {need:.0f} s, {clock.left():.0f} s left")
             return
@@ -435,6 +435,15 @@ def make_weak(name: str, shift: float | None) -> tuple[Path, dict[str, Any]]:
     return out, record
 
 
+def measured_check(report: Report, state: dict[str, dict], part: str, name: str) -> None:
+    """Server ``name`` of part ``part`` came up and measured every concurrency, every request complete."""
+    points = state[name]["points"]
+    report.check(f"part {part} {name}: up, every point measured, every request {N_OUT} tokens",
+                 all(points.get(c) for c in CONCURRENCIES) and all(r["complete"] for by_c in points.values()
+                                                                   for r in by_c),
+                 state[name].get("error") or {c: len(points.get(c, [])) for c in CONCURRENCIES})
+
+
 def part_a_checks(report: Report, state: dict[str, dict]) -> None:
     results = report.data["results"]
     table = goodput_table({n: state[n]["points"] for n in PART_A if n in state})
@@ -445,10 +454,7 @@ def part_a_checks(report: Report, state: dict[str, dict]) -> None:
                                                     for n in ("full", "scheduled")}}
     info("part a goodput (best of rounds)", "\n" + format_table(table, CONCURRENCIES, "nospec"))
     for name in PART_A:
-        runs = [r for by_c in state[name]["points"].values() for r in by_c]
-        report.check(f"part a {name}: up, every point measured, every request {N_OUT} tokens",
-                     all(state[name]["points"].get(c) for c in CONCURRENCIES) and all(r["complete"] for r in runs),
-                     state[name].get("error") or {c: len(state[name]["points"].get(c, [])) for c in CONCURRENCIES})
+        measured_check(report, state, "a", name)
     points = results["part_a"]["points"]
     together = {n: state[n].get("together", {}) for n in PART_A}
     results["part_a"]["side_by_side"] = {"points": together}
@@ -488,10 +494,7 @@ def part_b_checks(report: Report, state: dict[str, dict], records: dict[str, Any
     info("part b goodput (best of rounds; nospec measured again beside the weak drafter)",
          "\n" + format_table(table, CONCURRENCIES, "nospec"))
     for name in names[1:]:
-        runs = [r for by_c in state[name]["points"].values() for r in by_c]
-        report.check(f"part b {name}: up, every point measured, every request {N_OUT} tokens",
-                     all(state[name]["points"].get(c) for c in CONCURRENCIES) and all(r["complete"] for r in runs),
-                     state[name].get("error") or {c: len(state[name]["points"].get(c, [])) for c in CONCURRENCIES})
+        measured_check(report, state, "b", name)
     accept = results["part_b"]["accept_length"].get("weak-full")
     report.check(f"part b premise: the weak drafter (noise {WEAK_NOISE}) commits <= {WEAK_MAX_ACCEPT} tokens per "
                  "verify step (weak-full, pooled)", accept is not None and accept <= WEAK_MAX_ACCEPT,
